@@ -1,0 +1,5 @@
+"""``python -m actadd`` is the ``actadd`` command."""
+
+from actadd.cli import main
+
+main()

