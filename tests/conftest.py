@@ -1,0 +1,117 @@
+"""Shared fixtures: tiny random-weight models of many architectures, and the real embedded model.
+
+Tiny models run in float64 so that argmax ties of random weights do not hide real differences;
+their tokenizer is character-level and built here (no hub access).
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from collections.abc import Callable
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+
+import actadd  # noqa: E402
+
+SPECIALS = ["<|endoftext|>", "<pad>", "<s>"]
+VOCAB = {t: i for i, t in enumerate(SPECIALS + list(string.printable[:95]))}
+
+_LLAMA = dict(intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
+_GEMMA = dict(_LLAMA, query_pre_attn_scalar=16, sliding_window=4,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+# model_type -> config kwargs (besides vocab/hidden size and special ids), 3 layers each
+ARCH_KWARGS: dict[str, dict] = {
+    "gpt2": dict(n_positions=256, n_embd=64, n_layer=3, n_head=4, n_inner=128),
+    "llama": _LLAMA,
+    "gemma3_text": _GEMMA,
+    "gemma2": _GEMMA,
+    "qwen2": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
+    "qwen3": _LLAMA,
+    "gpt_neox": dict(intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                     max_position_embeddings=256),
+    "phi": dict(_LLAMA, num_key_value_heads=4, head_dim=None),
+    "phi3": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
+    "mistral": _LLAMA,
+    "opt": dict(num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
+                max_position_embeddings=256, word_embed_proj_dim=64),
+    "falcon": dict(num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256),
+    "gptj": dict(n_positions=256, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_inner=128),
+    "bloom": dict(n_layer=3, n_head=4),
+    "mixtral": dict(_LLAMA, num_local_experts=4, num_experts_per_tok=2),
+    "olmo2": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
+    "stablelm": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
+    "starcoder2": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
+    "smollm3": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
+    "granite": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
+}
+ARCHS = list(ARCH_KWARGS)
+# float32 where float64 fails in transformers itself: torch's grouped-GEMM MoE kernel has no
+# float64 (mixtral), and gemma2's and bloom's eager attention give NaN on left-padded rows in
+# float64 (unsteered too).
+ARCH_DTYPE = {"mixtral": torch.float32, "gemma2": torch.float32, "bloom": torch.float32}
+
+
+def char_tokenizer(bos: str = "<|endoftext|>") -> PreTrainedTokenizerFast:
+    """Character-level tokenizer; ``bos == eos`` gives the GPT-2 sequence-start policy."""
+    tk = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token=bos, eos_token="<|endoftext|>", pad_token="<pad>"
+    )
+
+
+def build_tiny(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float64,
+               bos: str = "<|endoftext|>") -> actadd.LM:
+    kwargs = {k: v for k, v in ARCH_KWARGS[arch].items() if v is not None}
+    size_key = "n_embd" if "n_embd" in kwargs else "hidden_size"
+    kwargs.setdefault(size_key, 64)
+    tok = char_tokenizer(bos)
+    config = CONFIG_MAPPING[arch](
+        vocab_size=len(VOCAB), pad_token_id=1, bos_token_id=tok.bos_token_id,
+        eos_token_id=0, **kwargs,
+    )
+    torch.manual_seed(seed)
+    dtype = ARCH_DTYPE.get(arch, dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # Random weights give near-uniform logits; sharpen them so greedy choices are stable.
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    return actadd.LM(model, tok, name=f"tiny-{arch}")
+
+
+@pytest.fixture(scope="session")
+def tiny_factory() -> Callable[..., actadd.LM]:
+    cache: dict[str, actadd.LM] = {}
+
+    def get(arch: str = "llama") -> actadd.LM:
+        if arch not in cache:
+            cache[arch] = build_tiny(arch)
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture
+def llama(tiny_factory: Callable[..., actadd.LM]) -> actadd.LM:
+    return tiny_factory("llama")
+
+
+@pytest.fixture
+def gpt2(tiny_factory: Callable[..., actadd.LM]) -> actadd.LM:
+    return tiny_factory("gpt2")
+
+
+@pytest.fixture(scope="session")
+def real_lm() -> actadd.LM:
+    """The embedded SmolLM2-135M-Instruct, loaded once per session (~20 s)."""
+    return actadd.load_model()
