@@ -1,0 +1,59 @@
+"""The command line, on a tiny model saved to disk (also exercises load_model on a local dir)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import actadd
+from actadd.cli import app
+from conftest import build_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    lm = build_tiny("gpt2", dtype=__import__("torch").float32)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_load_model_from_local_dir(tiny_dir):
+    lm = actadd.load_model(str(tiny_dir), device="cpu")
+    assert lm.n_layers == 3 and lm.prepend_bos
+    assert not any(p.requires_grad for p in lm.model.parameters())
+
+
+def test_load_model_errors(tmp_path):
+    with pytest.raises(actadd.ModelLoadError, match="GGUF file not found"):
+        actadd.load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(actadd.ModelLoadError, match="could not load"):
+        actadd.load_model(str(tmp_path / "not-a-model"))
+
+
+def test_compare_command(tiny_dir):
+    result = CliRunner().invoke(
+        app,
+        ["compare", "--model", str(tiny_dir), "--prompt", "hello there", "--add", "Lo",
+         "--sub", "Ha", "--layer", "1", "--coeff", "4", "--n", "2", "--tokens", "5"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "unsteered" in result.output and "blocks.1.hook_resid_pre" in result.output
+
+
+def test_compare_command_bad_input_is_a_clean_error(tiny_dir):
+    result = CliRunner().invoke(
+        app, ["compare", "--model", str(tiny_dir), "--layer", "99", "--tokens", "2"]
+    )
+    assert result.exit_code == 2
+    assert "out of range" in result.output and "Traceback" not in result.output
+
+
+def test_python_dash_m_help():
+    out = subprocess.run([sys.executable, "-m", "actadd", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    assert "compare" in out
