@@ -15,19 +15,29 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast  # noqa: E402
-from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-import actadd  # noqa: E402
+import actadd
 
 SPECIALS = ["<|endoftext|>", "<pad>", "<s>"]
 VOCAB = {t: i for i, t in enumerate(SPECIALS + list(string.printable[:95]))}
 
-_LLAMA = dict(intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, max_position_embeddings=256, head_dim=16)
-_GEMMA = dict(_LLAMA, query_pre_attn_scalar=16, sliding_window=4,
-              layer_types=["sliding_attention", "full_attention", "sliding_attention"])
+_LLAMA = dict(
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    head_dim=16,
+)
+_GEMMA = dict(
+    _LLAMA,
+    query_pre_attn_scalar=16,
+    sliding_window=4,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+)
 # model_type -> config kwargs (besides vocab/hidden size and special ids), 3 layers each
 ARCH_KWARGS: dict[str, dict] = {
     "gpt2": dict(n_positions=256, n_embd=64, n_layer=3, n_head=4, n_inner=128),
@@ -36,13 +46,22 @@ ARCH_KWARGS: dict[str, dict] = {
     "gemma2": _GEMMA,
     "qwen2": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
     "qwen3": _LLAMA,
-    "gpt_neox": dict(intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                     max_position_embeddings=256),
+    "gpt_neox": dict(
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    ),
     "phi": dict(_LLAMA, num_key_value_heads=4, head_dim=None),
     "phi3": {k: v for k, v in _LLAMA.items() if k != "head_dim"},
     "mistral": _LLAMA,
-    "opt": dict(num_hidden_layers=3, ffn_dim=128, num_attention_heads=4,
-                max_position_embeddings=256, word_embed_proj_dim=64),
+    "opt": dict(
+        num_hidden_layers=3,
+        ffn_dim=128,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        word_embed_proj_dim=64,
+    ),
     "falcon": dict(num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=256),
     "gptj": dict(n_positions=256, n_embd=64, n_layer=3, n_head=4, rotary_dim=8, n_inner=128),
     "bloom": dict(n_layer=3, n_head=4),
@@ -70,15 +89,19 @@ def char_tokenizer(bos: str = "<|endoftext|>") -> PreTrainedTokenizerFast:
     )
 
 
-def build_tiny(arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float64,
-               bos: str = "<|endoftext|>") -> actadd.LM:
+def build_tiny(
+    arch: str, *, seed: int = 0, dtype: torch.dtype = torch.float64, bos: str = "<|endoftext|>"
+) -> actadd.LM:
     kwargs = {k: v for k, v in ARCH_KWARGS[arch].items() if v is not None}
     size_key = "n_embd" if "n_embd" in kwargs else "hidden_size"
     kwargs.setdefault(size_key, 64)
     tok = char_tokenizer(bos)
     config = CONFIG_MAPPING[arch](
-        vocab_size=len(VOCAB), pad_token_id=1, bos_token_id=tok.bos_token_id,
-        eos_token_id=0, **kwargs,
+        vocab_size=len(VOCAB),
+        pad_token_id=1,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=0,
+        **kwargs,
     )
     torch.manual_seed(seed)
     dtype = ARCH_DTYPE.get(arch, dtype)

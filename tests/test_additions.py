@@ -53,8 +53,9 @@ def test_x_vector_unpadded_and_padded(llama):
     plus, minus = get_x_vector("Lo", "Hate", 4, 1)
     assert (plus.coeff, minus.coeff) == (4, -4) and plus.prompt == "Lo"
     pad = llama.to_single_token(" ")
-    plus, minus = get_x_vector("Lo", "Hate", 4, 1, model=llama, pad_method="tokens_right",
-                               custom_pad_id=pad)
+    plus, minus = get_x_vector(
+        "Lo", "Hate", 4, 1, model=llama, pad_method="tokens_right", custom_pad_id=pad
+    )
     assert len(plus.tokens) == len(minus.tokens) == 5  # BOS + "Hate"
     assert plus.tokens[-2:] == (pad, pad) and minus.tokens == tuple(llama.token_ids("Hate"))
     assert plus.describe().startswith("+4")
@@ -97,14 +98,20 @@ def test_activations_are_cached_per_model(llama):
 def test_prompt_shorter_than_addition_says_what_to_do(llama):
     long_add = ActivationAddition(1, 1, prompt="a much longer addition")
     with pytest.raises(actadd.PromptError, match="addition_location='all'"):
-        actadd.gen_using_activation_additions(llama, [long_add], ["hi"], tokens_to_generate=2,
-                                              temperature=0)
+        actadd.gen_using_activation_additions(
+            llama, [long_add], ["hi"], tokens_to_generate=2, temperature=0
+        )
     for loc in ("mid", "back"):
         with pytest.raises(actadd.PromptError, match="tokens but its addition"):
             actadd.gen_using_activation_additions(
-                llama, [long_add], ["hi"], tokens_to_generate=2, temperature=0,
+                llama,
+                [long_add],
+                ["hi"],
+                tokens_to_generate=2,
+                temperature=0,
                 addition_location=loc,
             )
     # 'all' has no length requirement
-    actadd.gen_using_activation_additions(llama, [long_add], ["hi"], tokens_to_generate=2,
-                                          temperature=0, addition_location="all")
+    actadd.gen_using_activation_additions(
+        llama, [long_add], ["hi"], tokens_to_generate=2, temperature=0, addition_location="all"
+    )

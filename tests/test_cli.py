@@ -38,8 +38,25 @@ def test_load_model_errors(tmp_path):
 def test_compare_command(tiny_dir):
     result = CliRunner().invoke(
         app,
-        ["compare", "--model", str(tiny_dir), "--prompt", "hello there", "--add", "Lo",
-         "--sub", "Ha", "--layer", "1", "--coeff", "4", "--n", "2", "--tokens", "5"],
+        [
+            "compare",
+            "--model",
+            str(tiny_dir),
+            "--prompt",
+            "hello there",
+            "--add",
+            "Lo",
+            "--sub",
+            "Ha",
+            "--layer",
+            "1",
+            "--coeff",
+            "4",
+            "--n",
+            "2",
+            "--tokens",
+            "5",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "unsteered" in result.output and "blocks.1.hook_resid_pre" in result.output
@@ -54,6 +71,7 @@ def test_compare_command_bad_input_is_a_clean_error(tiny_dir):
 
 
 def test_python_dash_m_help():
-    out = subprocess.run([sys.executable, "-m", "actadd", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "actadd", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "compare" in out

@@ -37,10 +37,12 @@ def test_rows_do_not_depend_on_batch_size_or_neighbours(llama):
     prompts = ["abc def", "hello", "xyz w", "the cat"]
     adds = [list(get_x_vector("Lo", "Ha", 2, 1)), [], [ActivationAddition(3, 2, prompt="Q")], []]
     seeds = [11, 12, 13, 14]
-    full = actadd.gen_using_activation_additions(llama, adds, prompts, tokens_to_generate=8,
-                                                 seeds=seeds, **SAMPLING)
-    chunked = actadd.gen_using_activation_additions(llama, adds, prompts, tokens_to_generate=8,
-                                                    seeds=seeds, batch_size=3, **SAMPLING)
+    full = actadd.gen_using_activation_additions(
+        llama, adds, prompts, tokens_to_generate=8, seeds=seeds, **SAMPLING
+    )
+    chunked = actadd.gen_using_activation_additions(
+        llama, adds, prompts, tokens_to_generate=8, seeds=seeds, batch_size=3, **SAMPLING
+    )
     reversed_ = actadd.gen_using_activation_additions(
         llama, adds[::-1], prompts[::-1], tokens_to_generate=8, seeds=seeds[::-1], **SAMPLING
     )
@@ -68,17 +70,22 @@ def test_paired_sampling_zero_coeff_gives_identical_rows(llama):
 
 
 def test_dataframe_columns_and_loss(llama):
-    df = actadd.gen_using_activation_additions(llama, get_x_vector("Lo", "Ha", 2, 1),
-                                               ["abcdef", "xyz w"], tokens_to_generate=5,
-                                               temperature=0)
+    df = actadd.gen_using_activation_additions(
+        llama,
+        get_x_vector("Lo", "Ha", 2, 1),
+        ["abcdef", "xyz w"],
+        tokens_to_generate=5,
+        temperature=0,
+    )
     assert isinstance(df, pd.DataFrame)
     assert {"prompts", "completions", "is_modified", "loss", "seed"} <= set(df.columns)
     assert df.is_modified.all() and (df.loss > 0).all()
 
 
 def test_loss_matches_a_teacher_forced_forward(llama):
-    df = actadd.gen_using_activation_additions(llama, [], ["abcdef"], tokens_to_generate=6,
-                                               temperature=0)
+    df = actadd.gen_using_activation_additions(
+        llama, [], ["abcdef"], tokens_to_generate=6, temperature=0
+    )
     full = llama.to_tokens("abcdef" + df.completions[0])
     with torch.no_grad():
         logp = torch.log_softmax(llama.model(full).logits[0, :-1].float(), -1)
@@ -89,10 +96,12 @@ def test_loss_matches_a_teacher_forced_forward(llama):
 
 
 def test_greedy_is_temperature_zero(llama):
-    a = actadd.gen_using_activation_additions(llama, [], ["abc"], tokens_to_generate=6,
-                                              temperature=0)
-    b = llama.model.generate(llama.to_tokens("abc"), max_new_tokens=6, do_sample=False,
-                             pad_token_id=llama.pad_token_id)
+    a = actadd.gen_using_activation_additions(
+        llama, [], ["abc"], tokens_to_generate=6, temperature=0
+    )
+    b = llama.model.generate(
+        llama.to_tokens("abc"), max_new_tokens=6, do_sample=False, pad_token_id=llama.pad_token_id
+    )
     assert a.completions[0] == llama.tokenizer.decode(b[0, 4:], skip_special_tokens=True)
 
 
@@ -107,21 +116,24 @@ def test_per_row_count_mismatch_is_an_error(llama):
 
 def test_steer_rejects_batch_of_wrong_size(llama):
     ids, mask = llama.batch_tokens(["abc", "defg"])
-    with pytest.raises(actadd.ActAddError, match="per-row additions"), actadd.steer(
-        llama, [[ActivationAddition(1, 1, prompt="a")]] * 3
+    with (
+        pytest.raises(actadd.ActAddError, match="per-row additions"),
+        actadd.steer(llama, [[ActivationAddition(1, 1, prompt="a")]] * 3),
     ):
         llama.model(ids, attention_mask=mask)
 
 
 def test_compare_pairs_seeds(llama):
-    df = actadd.compare("abcdef", llama, 6, list(get_x_vector("Lo", "Ha", 3, 1)),
-                        num_comparisons=2, seed=5)
+    df = actadd.compare(
+        "abcdef", llama, 6, list(get_x_vector("Lo", "Ha", 3, 1)), num_comparisons=2, seed=5
+    )
     assert df.seed.tolist() == [5, 6, 5, 6]
     assert df.is_modified.tolist() == [False, False, True, True]
 
 
 def test_print_n_comparisons_prints_a_table(llama, capsys):
-    actadd.print_n_comparisons("abcdef", llama, 4, list(get_x_vector("Lo", "Ha", 3, 1)),
-                               num_comparisons=2, seed=0)
+    actadd.print_n_comparisons(
+        "abcdef", llama, 4, list(get_x_vector("Lo", "Ha", 3, 1)), num_comparisons=2, seed=0
+    )
     out = capsys.readouterr().out
     assert "unsteered" in out and "steered" in out

@@ -29,9 +29,7 @@ def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def all_hooks(lm: actadd.LM) -> int:
     """Hooks on the model (transformers registers a few of its own; compare with a baseline)."""
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
 
 
 def logits(lm: actadd.LM, text: str = PROMPT) -> torch.Tensor:
@@ -139,7 +137,11 @@ def test_batch_equals_solo(tiny_factory, arch, location):
     )
     for i, prompt in enumerate(PROMPTS):
         solo = actadd.gen_using_activation_additions(
-            lm, adds[i], [prompt], tokens_to_generate=6, temperature=0,
+            lm,
+            adds[i],
+            [prompt],
+            tokens_to_generate=6,
+            temperature=0,
             addition_location=location,
         )
         assert batch.completions[i] == solo.completions[0], (arch, location, i)
@@ -156,8 +158,12 @@ def test_cache_equals_no_cache(tiny_factory, arch, location):
         with steer(lm, row_additions(), addition_location=location):
             outs.append(
                 lm.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                    use_cache=use_cache, pad_token_id=lm.pad_token_id,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=6,
+                    do_sample=False,
+                    use_cache=use_cache,
+                    pad_token_id=lm.pad_token_id,
                 )
             )
     assert torch.equal(outs[0], outs[1])
@@ -166,11 +172,21 @@ def test_cache_equals_no_cache(tiny_factory, arch, location):
 def test_steering_changes_generation(llama):
     """Guard against tests passing because steering does nothing."""
     ids, mask = llama.batch_tokens(PROMPTS)
-    plain = llama.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
-                                 do_sample=False, pad_token_id=llama.pad_token_id)
+    plain = llama.model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=llama.pad_token_id,
+    )
     with steer(llama, get_x_vector("Lo", "Ha", 8.0, 1)):
-        steered = llama.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6,
-                                       do_sample=False, pad_token_id=llama.pad_token_id)
+        steered = llama.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=llama.pad_token_id,
+        )
     assert not torch.equal(plain, steered)
 
 
@@ -180,11 +196,14 @@ def test_front_position_survives_decoding_without_mask(llama):
     seen = []
     site = parse_site(1, llama.n_layers)
     with steer(llama, [ActivationAddition(5.0, 1, prompt="ab")]) as steering:
+
         def spy(h):
             seen.append(bool(steering._fwd.active))
+
         with hooked(llama, [(site, spy)]):
-            llama.model.generate(input_ids=ids, max_new_tokens=3, do_sample=False,
-                                 pad_token_id=llama.pad_token_id)
+            llama.model.generate(
+                input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=llama.pad_token_id
+            )
     assert seen == [True, False, False]
 
 
@@ -241,8 +260,9 @@ def test_nested_contexts_unwind_their_own_hooks(llama):
         n_outer = all_hooks(llama)
         with steer(llama, b):
             torch.testing.assert_close(logits(llama), together, rtol=1e-10, atol=1e-10)
-            with pytest.raises(ZeroDivisionError), hooked(
-                llama, [(parse_site(0, llama.n_layers), lambda h: 1 / 0)]
+            with (
+                pytest.raises(ZeroDivisionError),
+                hooked(llama, [(parse_site(0, llama.n_layers), lambda h: 1 / 0)]),
             ):
                 logits(llama)
         assert all_hooks(llama) == n_outer

@@ -5,9 +5,17 @@ from __future__ import annotations
 import actadd
 
 CORE = {
-    "LM", "load_model", "ActivationAddition", "get_x_vector", "steer",
-    "gen_using_activation_additions", "print_n_comparisons", "compare", "ActAddError",
-    "steering_magnitudes_relative_to_prompt", "get_act_name",
+    "LM",
+    "load_model",
+    "ActivationAddition",
+    "get_x_vector",
+    "steer",
+    "gen_using_activation_additions",
+    "print_n_comparisons",
+    "compare",
+    "ActAddError",
+    "steering_magnitudes_relative_to_prompt",
+    "get_act_name",
 }
 
 

@@ -21,8 +21,17 @@ def test_embedded_model_facts(real_lm):
 
 def test_love_minus_hate_makes_completions_kinder(real_lm):
     adds = actadd.get_x_vector("Love", "Hate", coeff=5, act_name=6)
-    df = actadd.compare("I hate you because", real_lm, 30, adds, num_comparisons=8, seed=0,
-                        temperature=1.0, freq_penalty=1.0, top_p=0.3)
+    df = actadd.compare(
+        "I hate you because",
+        real_lm,
+        30,
+        adds,
+        num_comparisons=8,
+        seed=0,
+        temperature=1.0,
+        freq_penalty=1.0,
+        top_p=0.3,
+    )
     vader = SentimentIntensityAnalyzer()
     df["sentiment"] = [vader.polarity_scores(c)["compound"] for c in df.completions]
     steered = df[df.is_modified].sentiment.mean()
@@ -34,21 +43,32 @@ def test_love_minus_hate_makes_completions_kinder(real_lm):
 
 def test_real_model_batch_equals_solo_and_cache(real_lm):
     prompts = ["I hate you because", "The weather today is", "My favourite food"]
-    adds = [list(actadd.get_x_vector("Love", "Hate", 5, 6)),
-            [actadd.ActivationAddition(4.0, 10, prompt=" weddings")], []]
-    batch = actadd.gen_using_activation_additions(real_lm, adds, prompts, tokens_to_generate=12,
-                                                  temperature=0)
+    adds = [
+        list(actadd.get_x_vector("Love", "Hate", 5, 6)),
+        [actadd.ActivationAddition(4.0, 10, prompt=" weddings")],
+        [],
+    ]
+    batch = actadd.gen_using_activation_additions(
+        real_lm, adds, prompts, tokens_to_generate=12, temperature=0
+    )
     for i, p in enumerate(prompts):
-        solo = actadd.gen_using_activation_additions(real_lm, adds[i], [p],
-                                                     tokens_to_generate=12, temperature=0)
+        solo = actadd.gen_using_activation_additions(
+            real_lm, adds[i], [p], tokens_to_generate=12, temperature=0
+        )
         assert batch.completions[i] == solo.completions[0]
     ids, mask = real_lm.batch_tokens(prompts)
     outs = []
     for use_cache in (True, False):
         with actadd.steer(real_lm, adds):
-            outs.append(real_lm.model.generate(input_ids=ids, attention_mask=mask,
-                                               max_new_tokens=8, do_sample=False,
-                                               use_cache=use_cache))
+            outs.append(
+                real_lm.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=8,
+                    do_sample=False,
+                    use_cache=use_cache,
+                )
+            )
     assert torch.equal(outs[0], outs[1])
 
 
@@ -67,7 +87,8 @@ def test_sink_and_pad_outliers_are_reported(real_lm):
     with_bos = actadd.LM(real_lm.model, real_lm.tokenizer, prepend_bos=True)
     assert with_bos.model is real_lm.model  # wrapping never copies
     space = with_bos.to_single_token(" ")
-    adds = actadd.get_x_vector("Love", "Hate", 5, 6, model=with_bos,
-                               pad_method="tokens_right", custom_pad_id=space)
+    adds = actadd.get_x_vector(
+        "Love", "Hate", 5, 6, model=with_bos, pad_method="tokens_right", custom_pad_id=space
+    )
     with pytest.warns(OutlierWarning):
         actadd.steering_magnitudes_relative_to_prompt(with_bos, "I hate you because", adds)

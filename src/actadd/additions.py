@@ -18,7 +18,7 @@ from actadd.hooks import Injection, capture, check_finite
 from actadd.model import LM
 from actadd.sites import Site, canonical_act_name, parse_site
 
-__all__ = ["ActivationAddition", "get_x_vector", "get_activations"]
+__all__ = ["ActivationAddition", "get_activations", "get_x_vector"]
 
 _CACHE_SIZE = 512
 

@@ -89,10 +89,9 @@ def compare(
         if sub is None:
             adds = [actadd.ActivationAddition(coeff, act_name, prompt=add)]
         else:
+            space = lm.to_single_token(" ") if pad else None
             pad_kw = (
-                {"pad_method": "tokens_right", "model": lm, "custom_pad_id": lm.to_single_token(" ")}
-                if pad
-                else {}
+                {"pad_method": "tokens_right", "model": lm, "custom_pad_id": space} if pad else {}
             )
             adds = list(actadd.get_x_vector(add, sub, coeff, act_name, **pad_kw))
         with status(f"generating {2 * n} completions of {tokens} tokens…"):

@@ -13,11 +13,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from actadd.hooks import LOCATIONS, Injection, _as_rows, addition_offset, capture
 from actadd.errors import ActAddError
+from actadd.hooks import LOCATIONS, Injection, _as_rows, addition_offset, capture
 from actadd.model import LM
 
-__all__ = ["steering_magnitudes_relative_to_prompt", "OutlierWarning"]
+__all__ = ["OutlierWarning", "steering_magnitudes_relative_to_prompt"]
 
 # Each addition adds coeff × (a residual vector of typical norm), so by the triangle inequality
 # a position's summed addition should not exceed Σ|coeff| × typical norm. Twice that means one

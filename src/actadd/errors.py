@@ -6,7 +6,7 @@ working. Each message says what went wrong *and* how to fix it.
 
 from __future__ import annotations
 
-__all__ = ["ActAddError", "SiteError", "PromptError", "VectorFileError", "ModelLoadError"]
+__all__ = ["ActAddError", "ModelLoadError", "PromptError", "SiteError", "VectorFileError"]
 
 
 class ActAddError(ValueError):

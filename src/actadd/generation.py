@@ -32,11 +32,11 @@ from actadd.hooks import steer
 from actadd.model import LM
 
 __all__ = [
-    "gen_using_activation_additions",
-    "compare",
-    "print_n_comparisons",
     "FrequencyPenaltyLogitsProcessor",
     "RowSeededSampler",
+    "compare",
+    "gen_using_activation_additions",
+    "print_n_comparisons",
     "sampling_processors",
 ]
 
@@ -77,10 +77,12 @@ class RowSeededSampler(LogitsProcessor):
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         V = scores.shape[-1]
         # [B, V] Exp(1) draws, one stream per row, so rows are independent of the batch
-        e = torch.stack([
-            torch.empty(V, device=scores.device).exponential_(generator=g)
-            for g in self.generators
-        ])
+        e = torch.stack(
+            [
+                torch.empty(V, device=scores.device).exponential_(generator=g)
+                for g in self.generators
+            ]
+        )
         gumbel = -e.clamp_min(1e-30).log()
         return torch.log_softmax(scores.float(), -1) + gumbel
 
@@ -260,7 +262,8 @@ def _generate_chunk(
     keep = (~after).float()
     loss = -(logprobs * keep).sum(1) / keep.sum(1).clamp_min(1)
     completions = [
-        lm.tokenizer.decode(row[~a], skip_special_tokens=True) for row, a in zip(new, after)
+        lm.tokenizer.decode(row[~a], skip_special_tokens=True)
+        for row, a in zip(new, after, strict=True)
     ]
     return pd.DataFrame(
         {
@@ -336,7 +339,7 @@ def print_n_comparisons(
     t = Table(title=f"[bold]{prompt}[/]…", show_lines=True)
     t.add_column("unsteered")
     t.add_column("steered")
-    for a, b in zip(table.unsteered, table.steered):
+    for a, b in zip(table.unsteered, table.steered, strict=True):
         t.add_row(a, b)
     Console().print(t)
 

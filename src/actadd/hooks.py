@@ -21,6 +21,7 @@ Site hooks then add one gathered tensor: no Python loop over rows or tokens.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -38,15 +39,15 @@ from actadd.model import LM
 from actadd.sites import Site, get_module
 
 __all__ = [
+    "LOCATIONS",
     "Injection",
     "Steerable",
     "Steering",
-    "steer",
-    "hooked",
-    "capture",
-    "site_module",
-    "LOCATIONS",
     "addition_offset",
+    "capture",
+    "hooked",
+    "site_module",
+    "steer",
 ]
 
 log = logging.getLogger(__name__)
@@ -180,11 +181,8 @@ def capture(
     if not steered:
         _PAUSED[model] = _PAUSED.get(model, 0) + 1
     try:
-        with hooked(lm, [(s, grab(s)) for s in wanted]):
-            try:
-                lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _StopForward:
-                pass
+        with hooked(lm, [(s, grab(s)) for s in wanted]), contextlib.suppress(_StopForward):
+            lm.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
     finally:
         if not steered:
             _PAUSED[model] -= 1
@@ -260,8 +258,9 @@ class Steering:
                         continue
                     if lay is None:
                         dtype = torch.promote_types(inj.tensor.dtype, torch.float32)
-                        lay = inj.tensor.new_zeros((len(self.rows), width, self.lm.d_model),
-                                                   dtype=dtype)
+                        lay = inj.tensor.new_zeros(
+                            (len(self.rows), width, self.lm.d_model), dtype=dtype
+                        )
                     lay[r, off : off + inj.tensor.shape[0]] += inj.tensor
             assert lay is not None
             out[site] = lay * self.dim_mask.to(lay)
@@ -290,7 +289,7 @@ class Steering:
         if ref is None:
             raise PromptError("steered forward pass got neither input_ids nor inputs_embeds")
         B, T = int(ref.shape[0]), int(ref.shape[1])
-        if self.per_row and B != len(self.rows):
+        if self.per_row and len(self.rows) != B:
             raise ActAddError(
                 f"per-row additions were given for {len(self.rows)} rows but the model got a "
                 f"batch of {B}; pass one list of additions per prompt (and no "
@@ -327,7 +326,7 @@ class Steering:
         if self.location == "all":
             return
         need = self.row_len if self.per_row else self.row_len * len(lengths)
-        for r, (n, p) in enumerate(zip(need, lengths.tolist())):
+        for r, (n, p) in enumerate(zip(need, lengths.tolist(), strict=True)):
             if p < n:
                 raise PromptError(
                     f"prompt (row {r}) has {p} tokens but its addition has {n}: use a longer "

@@ -25,7 +25,7 @@ from torch import nn
 from actadd.errors import ModelLoadError, PromptError
 from actadd.sites import SiteMap, get_module, guess_site_map
 
-__all__ = ["LM", "load_model", "embedded_model_path", "default_device"]
+__all__ = ["LM", "default_device", "embedded_model_path", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,9 @@ def load_model(
             src, kwargs["gguf_file"] = str(path.parent), path.name
         else:
             src = str(name)
-        tokenizer = AutoTokenizer.from_pretrained(src, **{k: v for k, v in kwargs.items()
-                                                          if k == "gguf_file"})
+        tokenizer = AutoTokenizer.from_pretrained(
+            src, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
+        )
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except (OSError, ImportError) as e:
         raise ModelLoadError(

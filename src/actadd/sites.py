@@ -25,7 +25,15 @@ from torch import nn
 
 from actadd.errors import SiteError
 
-__all__ = ["Site", "SiteMap", "ARCHITECTURES", "get_act_name", "canonical_act_name", "parse_site", "guess_site_map"]
+__all__ = [
+    "ARCHITECTURES",
+    "Site",
+    "SiteMap",
+    "canonical_act_name",
+    "get_act_name",
+    "guess_site_map",
+    "parse_site",
+]
 
 log = logging.getLogger(__name__)
 
