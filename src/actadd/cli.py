@@ -7,11 +7,14 @@ import io
 import logging
 import os
 from collections.abc import Iterator
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    import actadd
 
 app = typer.Typer(
     help="Steer language models by adding activation vectors (ActAdd).",
@@ -36,7 +39,7 @@ def status(message: str) -> Iterator[None]:
         yield
 
 
-def load(model: str | None, dtype: str | None = None):  # type: ignore[no-untyped-def]
+def load(model: str | None, dtype: str | None = None) -> actadd.LM:
     """Load a model with a spinner; ``None`` is the embedded default."""
     import actadd
 
@@ -89,11 +92,13 @@ def compare(
         if sub is None:
             adds = [actadd.ActivationAddition(coeff, act_name, prompt=add)]
         else:
-            space = lm.to_single_token(" ") if pad else None
-            pad_kw = (
-                {"pad_method": "tokens_right", "model": lm, "custom_pad_id": space} if pad else {}
-            )
-            adds = list(actadd.get_x_vector(add, sub, coeff, act_name, **pad_kw))
+            adds = list(
+                actadd.get_x_vector(
+                    add, sub, coeff, act_name, model=lm,
+                    pad_method="tokens_right" if pad else None,
+                    custom_pad_id=lm.to_single_token(" ") if pad else None,
+                )
+            )  # fmt: skip
         with status(f"generating {2 * n} completions of {tokens} tokens…"):
             df = actadd.compare(
                 prompt, lm, tokens, adds, n, seed, temperature, freq_penalty, top_p,

@@ -249,7 +249,7 @@ def _generate_chunk(
         lm, adds[0] if shared else adds,
         addition_location=addition_location, res_stream_slice=res_stream_slice,
     ):  # fmt: skip
-        out = lm.model.generate(
+        out = lm.model.generate(  # type: ignore[operator]
             input_ids=input_ids, attention_mask=mask, generation_config=config,
             logits_processor=procs,
         )  # fmt: skip

@@ -17,13 +17,16 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from actadd.errors import ModelLoadError, PromptError
 from actadd.sites import SiteMap, get_module, guess_site_map
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 __all__ = ["LM", "default_device", "embedded_model_path", "load_model"]
 
@@ -63,7 +66,7 @@ class LM:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         tokenizer: Any,
         *,
         prepend_bos: bool | None = None,
@@ -79,17 +82,19 @@ class LM:
             self.site_map = SiteMap(layers, guess.attn_out, guess.mlp_out)
         else:
             self.site_map = layers or guess_site_map(model)
-        self.layers = get_module(model, self.site_map.layers)
-        if not isinstance(self.layers, nn.ModuleList):
+        layer_list = get_module(model, self.site_map.layers)
+        if not isinstance(layer_list, nn.ModuleList):
             raise ModelLoadError(f"{self.site_map.layers!r} is not a ModuleList of decoder layers")
+        self.layers: nn.ModuleList = layer_list
         self.n_layers = len(self.layers)
         # The module that owns the layer list receives input_ids/attention_mask/position_ids.
         parent = self.site_map.layers.rpartition(".")[0]
-        self.base_model = get_module(model, parent) if parent else model
+        self.base_model: nn.Module = get_module(model, parent) if parent else model
+        embed_shape = model.get_input_embeddings().weight.shape  # [vocab, d_model]
         self.d_model = int(
             getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
-        ) or int(model.get_input_embeddings().weight.shape[1])
-        self.vocab_size = int(model.get_input_embeddings().weight.shape[0])
+        ) or int(embed_shape[1])  # type: ignore[index]
+        self.vocab_size = int(embed_shape[0])  # type: ignore[index]
         self.prepend_bos = self._decide_bos() if prepend_bos is None else bool(prepend_bos)
         if self.prepend_bos and tokenizer.bos_token_id is None:
             raise PromptError("prepend_bos=True but this tokenizer has no BOS token")
@@ -253,7 +258,7 @@ def load_model(
             f"could not load {label!r}: {e}. Is it downloaded (there is no hub access "
             "offline), and are `gguf` and `accelerate` installed for .gguf files?"
         ) from e
-    model.to(default_device() if device is None else torch.device(device))
+    model.to(default_device() if device is None else torch.device(device))  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)  # we own this copy; steering-vector training needs no weight grads
     return LM(model, tokenizer, prepend_bos=prepend_bos, name=label)
