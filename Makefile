@@ -34,6 +34,7 @@ test-fast: install
 lint: install
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
+	$(BIN)/mypy src/actadd
 
 format: install
 	$(BIN)/ruff format src tests
