@@ -8,6 +8,9 @@ Example:
     ...                            num_comparisons=3, seed=0)  # doctest: +SKIP
 """
 
+from actadd import metrics as metrics  # research toolkit modules: actadd.metrics.word_count, ...
+from actadd import plots as plots
+from actadd import sweeps as sweeps
 from actadd.additions import ActivationAddition, get_activations, get_x_vector
 from actadd.diagnostics import steering_magnitudes_relative_to_prompt
 from actadd.errors import (
@@ -19,8 +22,15 @@ from actadd.errors import (
 )
 from actadd.generation import compare, gen_using_activation_additions, print_n_comparisons
 from actadd.hooks import Injection, capture, hooked, steer
+from actadd.metrics import MissingDependencyError
 from actadd.model import LM, load_model
 from actadd.sites import Site, SiteMap, get_act_name
+from actadd.sweeps import (
+    SlicedAddition,
+    make_activation_additions,
+    reduce_sweep_results,
+    sweep_over_prompts,
+)
 
 __version__ = "0.1.0"
 
@@ -29,11 +39,13 @@ __all__ = [
     "ActAddError",
     "ActivationAddition",
     "Injection",
+    "MissingDependencyError",
     "ModelLoadError",
     "PromptError",
     "Site",
     "SiteError",
     "SiteMap",
+    "SlicedAddition",
     "VectorFileError",
     "capture",
     "compare",
@@ -43,7 +55,10 @@ __all__ = [
     "get_x_vector",
     "hooked",
     "load_model",
+    "make_activation_additions",
     "print_n_comparisons",
+    "reduce_sweep_results",
     "steer",
     "steering_magnitudes_relative_to_prompt",
+    "sweep_over_prompts",
 ]

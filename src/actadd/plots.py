@@ -1,0 +1,400 @@
+"""Plots of sweeps and diagnostics: interactive (plotly) and static (matplotlib), both offline.
+
+Every plot function takes ``backend="plotly"`` (a ``plotly.graph_objects.Figure``) or
+``backend="matplotlib"`` (a ``matplotlib.figure.Figure``, no pyplot state). ``save_figure``
+writes either: ``.html`` for plotly (plotly.js inlined, so the file opens without a network),
+``.png``/``.svg``/``.pdf`` for matplotlib.
+
+* ``line_plot``: a metric against the coefficient, one line per layer, error bars from
+  ``reduce_sweep_results`` (``{metric}_sem``) and the unsteered baseline as a dashed line;
+* ``heatmap``: layer × coefficient;
+* ``magnitude_bars``: per-position norms of the additions relative to the prompt's residual
+  stream (``steering_magnitudes_relative_to_prompt``);
+* ``perplexity_ratio_plot``: steered / unsteered perplexity, one panel per corpus, 1.0 marked.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from actadd.errors import ActAddError
+
+__all__ = [
+    "heatmap",
+    "line_plot",
+    "magnitude_bars",
+    "perplexity_ratio_plot",
+    "plot_sweep_results",
+    "save_figure",
+]
+
+BACKENDS = ("plotly", "matplotlib")
+
+
+def _check(data: pd.DataFrame, cols: list[str | None], backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ActAddError(f"backend must be 'plotly' or 'matplotlib', got {backend!r}")
+    missing = [c for c in cols if c is not None and c not in data.columns]
+    if missing:
+        raise ActAddError(f"no columns {missing} to plot; have {list(data.columns)}")
+    if data.empty:
+        raise ActAddError("nothing to plot: the frame is empty")
+
+
+def _baseline_value(baseline: Any, metric: str) -> float | None:
+    if baseline is None:
+        return None
+    if isinstance(baseline, pd.DataFrame):
+        if metric not in baseline.columns:
+            return None
+        return float(baseline[metric].mean())
+    return float(baseline)
+
+
+def _facets(data: pd.DataFrame, facet: str | None) -> list[tuple[Any, pd.DataFrame]]:
+    if facet is None:
+        return [(None, data)]
+    return [(k, d) for k, d in data.groupby(facet, sort=False)]
+
+
+def _auto_facet(data: pd.DataFrame, facet: str | None) -> str | None:
+    if facet is None and "prompts" in data.columns and data["prompts"].nunique() > 1:
+        return "prompts"
+    return facet
+
+
+def line_plot(
+    data: pd.DataFrame,
+    metric: str,
+    *,
+    x: str = "coeff",
+    group: str | None = "layer",
+    facet: str | None = None,
+    baseline: float | pd.DataFrame | None = None,
+    baseline_label: str = "unsteered",
+    title: str | None = None,
+    y_label: str | None = None,
+    backend: str = "plotly",
+) -> Any:
+    """``metric`` against ``x``, one line per ``group``, error bars from ``{metric}_sem``.
+
+    Args:
+        data: a reduced frame (``reduce_sweep_results``), one row per configuration.
+        metric: the column to plot.
+        x: the x column (``coeff``).
+        group: one line per value (``layer``); None for one line.
+        facet: one panel per value; default ``prompts`` when there are several.
+        baseline: a number, or the reduced unsteered frame (its mean ``metric``), drawn
+            dashed.
+        baseline_label, title, y_label: labels.
+        backend: ``plotly`` or ``matplotlib``.
+
+    Example:
+        >>> normal_r, patched_r = reduce_sweep_results(normal, patched)  # doctest: +SKIP
+        >>> fig = line_plot(patched_r, "wedding", baseline=normal_r)  # doctest: +SKIP
+        >>> save_figure(fig, "wedding.html")  # doctest: +SKIP
+    """
+    facet = _auto_facet(data, facet)
+    _check(data, [metric, x, group, facet], backend)
+    err = f"{metric}_sem" if f"{metric}_sem" in data.columns else None
+    base = _baseline_value(baseline, metric)
+    title = title or f"{metric} vs {x}" + (f" by {group}" if group else "")
+    panels = _facets(data, facet)
+    groups = [None] if group is None else list(pd.unique(data[group]))
+
+    def series(d: pd.DataFrame, g: Any) -> pd.DataFrame:
+        s = d if g is None else d[d[group] == g]
+        return s.sort_values(x)
+
+    if backend == "plotly":
+        import plotly.graph_objects as go
+        from plotly.colors import qualitative
+        from plotly.subplots import make_subplots
+
+        fig = make_subplots(
+            rows=1,
+            cols=len(panels),
+            shared_yaxes=True,
+            subplot_titles=[str(k) for k, _ in panels] if facet else None,
+        )
+        palette = qualitative.Plotly
+        for col, (_, d) in enumerate(panels, start=1):
+            for gi, g in enumerate(groups):
+                s = series(d, g)
+                fig.add_trace(
+                    go.Scatter(
+                        x=s[x],
+                        y=s[metric],
+                        mode="lines+markers",
+                        name=f"{group} {g}" if group else metric,
+                        legendgroup=str(g),
+                        showlegend=col == 1,
+                        line={"color": palette[gi % len(palette)]},
+                        error_y={"type": "data", "array": s[err].fillna(0)} if err else None,
+                    ),
+                    row=1,
+                    col=col,
+                )
+            if base is not None:
+                fig.add_hline(
+                    y=base,
+                    line_dash="dash",
+                    line_color="gray",
+                    row=1,
+                    col=col,
+                    annotation_text=baseline_label,
+                )
+        fig.update_layout(title=title, template="plotly_white", legend_title=group)
+        fig.update_xaxes(title=x)
+        fig.update_yaxes(title=y_label or metric, col=1)
+        return fig
+
+    fig, axes = _mpl_axes(len(panels))
+    for ax, (key, d) in zip(axes, panels, strict=True):
+        for g in groups:
+            s = series(d, g)
+            ax.errorbar(
+                s[x],
+                s[metric],
+                yerr=s[err].fillna(0) if err else None,
+                marker="o",
+                capsize=3,
+                label=f"{group} {g}" if group else metric,
+            )
+        if base is not None:
+            ax.axhline(base, ls="--", color="gray", label=baseline_label)
+        ax.set_xlabel(x)
+        if facet:
+            ax.set_title(str(key), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(y_label or metric)
+    axes[-1].legend(fontsize=8, loc="best")
+    fig.suptitle(title)
+    return fig
+
+
+#: The original library's name.
+plot_sweep_results = line_plot
+
+
+def heatmap(
+    data: pd.DataFrame,
+    metric: str,
+    *,
+    x: str = "coeff",
+    y: str = "layer",
+    title: str | None = None,
+    center: float | None = None,
+    fmt: str = ".2f",
+    backend: str = "plotly",
+) -> Any:
+    """``metric`` on a ``y`` × ``x`` grid (layer × coefficient), values written in the cells.
+
+    Several rows per cell (e.g. several prompts) are averaged. ``center`` makes a diverging
+    colour scale around that value (e.g. 0 for a paired difference, 1 for a ratio).
+
+    Example:
+        >>> fig = heatmap(patched_r, "wedding", backend="matplotlib")  # doctest: +SKIP
+    """
+    _check(data, [metric, x, y], backend)
+    grid = data.pivot_table(index=y, columns=x, values=metric, aggfunc="mean").sort_index()
+    title = title or f"{metric}: {y} × {x}"
+    z = grid.to_numpy(dtype=float)
+    finite = z[np.isfinite(z)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if center is not None:
+        span = max(abs(hi - center), abs(lo - center)) or 1.0
+        lo, hi = center - span, center + span
+    text = [[format(v, fmt) if math.isfinite(v) else "" for v in row] for row in z]
+    xs, ys = [_label(c) for c in grid.columns], [_label(i) for i in grid.index]
+
+    if backend == "plotly":
+        import plotly.graph_objects as go
+
+        fig = go.Figure(
+            go.Heatmap(
+                z=z,
+                x=xs,
+                y=ys,
+                text=text,
+                texttemplate="%{text}",
+                zmin=lo,
+                zmax=hi,
+                colorscale="RdBu_r" if center is not None else "Viridis",
+                colorbar={"title": metric},
+            )
+        )
+        fig.update_layout(title=title, template="plotly_white")
+        fig.update_xaxes(title=x, type="category")
+        fig.update_yaxes(title=y, type="category")
+        return fig
+
+    fig, (ax,) = _mpl_axes(1, width=1.0 + 0.9 * len(xs), height=1.4 + 0.45 * len(ys))
+    cmap = "RdBu_r" if center is not None else "viridis"
+    im = ax.imshow(z, origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_yticks(range(len(ys)), ys)
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    mid = (lo + hi) / 2
+    for i in range(len(ys)):
+        for j in range(len(xs)):
+            if text[i][j]:
+                dark = (
+                    (z[i, j] < mid)
+                    if center is None
+                    else abs(z[i, j] - center) > 0.6 * (hi - center)
+                )
+                ax.text(
+                    j,
+                    i,
+                    text[i][j],
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if dark else "black",
+                )
+    fig.colorbar(im, ax=ax, label=metric)
+    ax.set_title(title, fontsize=11)
+    return fig
+
+
+def magnitude_bars(
+    magnitudes: pd.DataFrame,
+    *,
+    value: str = "relative",
+    title: str | None = None,
+    log_y: bool = False,
+    backend: str = "plotly",
+) -> Any:
+    """Per prompt position, the norm of the summed additions relative to the prompt's own
+    residual norm (``value="relative"``), one bar per site: the output of
+    ``actadd.steering_magnitudes_relative_to_prompt``. Outlier positions are hatched.
+
+    Example:
+        >>> mags = actadd.steering_magnitudes_relative_to_prompt(
+        ...     lm, "I hate you because", get_x_vector("Love", "Hate", 5, 6))  # doctest: +SKIP
+        >>> fig = magnitude_bars(mags)  # doctest: +SKIP
+    """
+    _check(magnitudes, ["site", "position", "token", value], backend)
+    d = magnitudes.copy()
+    d["label"] = [f"{p}: {t!r}" for p, t in zip(d.position, d.token, strict=True)]
+    labels = list(pd.unique(d.sort_values("position")["label"]))
+    sites = list(pd.unique(d["site"]))
+    title = title or f"addition norm / prompt residual norm ({value}) per position"
+
+    if backend == "plotly":
+        import plotly.graph_objects as go
+
+        fig = go.Figure()
+        for s in sites:
+            ds = d[d.site == s].set_index("label").reindex(labels)
+            fig.add_trace(go.Bar(x=labels, y=ds[value], name=s))
+        fig.update_layout(
+            title=title,
+            barmode="group",
+            template="plotly_white",
+            xaxis_title="prompt position",
+            yaxis_title=value,
+        )
+        if log_y:
+            fig.update_yaxes(type="log")
+        return fig
+
+    fig, (ax,) = _mpl_axes(1, width=max(6.0, 0.6 * len(labels) * max(1, len(sites)) ** 0.5 + 2))
+    width = 0.8 / len(sites)
+    pos = np.arange(len(labels))
+    for k, s in enumerate(sites):
+        ds = d[d.site == s].set_index("label").reindex(labels)
+        bars = ax.bar(pos + (k - (len(sites) - 1) / 2) * width, ds[value], width, label=s)
+        if "outlier" in ds.columns:
+            for b, o in zip(bars, ds["outlier"].fillna(False), strict=True):
+                if o:
+                    b.set_hatch("//")
+    ax.set_xticks(pos, labels, rotation=45, ha="right", fontsize=8)
+    ax.set_xlabel("prompt position")
+    ax.set_ylabel(value)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7, ncol=2 if len(sites) > 4 else 1)
+    ax.set_title(title, fontsize=11)
+    return fig
+
+
+def perplexity_ratio_plot(
+    data: pd.DataFrame,
+    *,
+    ratio: str = "ratio",
+    x: str = "coeff",
+    group: str | None = "layer",
+    facet: str | None = "corpus",
+    title: str | None = None,
+    backend: str = "plotly",
+) -> Any:
+    """Perplexity ratio (steered / unsteered) against ``x``, one line per ``group`` and one
+    panel per ``facet`` (e.g. wedding vs unrelated texts); 1.0 (no change) is dashed.
+
+    ``data`` has one row per configuration (and corpus), e.g. from
+    ``corpus_perplexity_ratio`` per group.
+
+    Example:
+        >>> fig = perplexity_ratio_plot(ratios, backend="matplotlib")  # doctest: +SKIP
+    """
+    if facet is not None and facet not in data.columns:
+        facet = None
+    return line_plot(
+        data,
+        ratio,
+        x=x,
+        group=group,
+        facet=facet,
+        baseline=1.0,
+        baseline_label="no change",
+        title=title or "perplexity ratio (steered / unsteered); < 1: text more likely",
+        y_label="perplexity ratio",
+        backend=backend,
+    )
+
+
+def _label(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, (int, float, np.number)) else str(v)
+
+
+def _mpl_axes(n: int, *, width: float | None = None, height: float = 3.8) -> tuple[Any, list[Any]]:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width or 1.5 + 4.2 * n, height), layout="constrained")
+    axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 130) -> Path:
+    """Write a plotly figure as self-contained HTML (``.html``) or a matplotlib figure as an
+    image (``.png``, ``.svg``, ``.pdf``); creates parent directories; returns the path.
+
+    Example:
+        >>> save_figure(line_plot(df, "wedding"), "out/wedding.html")  # doctest: +SKIP
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if hasattr(fig, "write_html"):  # plotly
+        if suffix != ".html":
+            raise ActAddError(
+                f"plotly figures are saved as .html here (got {path.name}); for a static image "
+                "make the plot with backend='matplotlib'"
+            )
+        fig.write_html(path, include_plotlyjs=True, full_html=True)
+    elif hasattr(fig, "savefig"):  # matplotlib
+        if suffix not in (".png", ".svg", ".pdf"):
+            raise ActAddError(f"matplotlib figures are saved as .png/.svg/.pdf, got {path.name}")
+        fig.savefig(path, dpi=dpi)
+    else:
+        raise ActAddError(f"cannot save a {type(fig).__name__}: not a plotly/matplotlib figure")
+    return path
