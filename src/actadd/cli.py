@@ -118,6 +118,57 @@ def compare(
     console.print(table)
 
 
+# -- serve (issue 5) -----------------------------------------------------------------------------
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    vectors: Annotated[
+        str | None,
+        typer.Option(help="directory of .safetensors steering vectors (uploads land here)"),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="interface to bind; default this machine only")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="ACTADD_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="rows per batched generate call")] = 16,
+    batch_window_ms: Annotated[float, typer.Option(help="wait for more requests (ms)")] = 20.0,
+    max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")] = 512,
+    dtype: Annotated[str | None, typer.Option(help="e.g. float32, bfloat16")] = None,
+) -> None:
+    """Serve the model over an OpenAI-compatible API with per-request steering, and a playground."""
+    import actadd
+
+    try:
+        from actadd.server import Limits, create_app
+    except ImportError as e:
+        msg = f"{e}: install the server extra, `pip install actadd[server]`"
+        raise fail(actadd.ActAddError(msg)) from e
+    import uvicorn
+
+    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        console.print(f"[yellow]warning:[/] listening on {host} without --api-key: anyone who "
+                      "can reach this port can use the model")  # fmt: skip
+    try:
+        lm = load(model, dtype)
+        name = "SmolLM2-135M-Instruct" if model is None else None
+        web = create_app(
+            lm, model_id=name, vectors_dir=vectors, api_key=api_key,
+            limits=Limits(max_tokens=max_tokens), max_batch_rows=max_batch,
+            batch_window=batch_window_ms / 1000,
+        )  # fmt: skip
+    except actadd.ActAddError as e:
+        raise fail(e) from e
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}/"
+    console.print(f"serving [bold]{web.state.actadd.model_id}[/] ({lm.n_layers} layers) at "
+                  f"[link]{url}[/]  (OpenAI API under /v1; Ctrl-C stops)")  # fmt: skip
+    uvicorn.run(web, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -1,0 +1,450 @@
+"""The batching engine behind ``actadd serve``: one model thread, per-row steering, streaming.
+
+Requests arrive as ``Job`` objects holding one or more rows (a prompt, its additions, its
+sampling settings and length). A single worker thread owns the model: it waits a short batching
+window, takes the waiting rows that can share a forward pass (rows steered at one
+``addition_location``, plus any unsteered rows), and runs them as one ``generate`` call under
+``steer(lm, [row0_additions, row1_additions, ...])``: the one hook mechanism, one list per row.
+
+A row's output never depends on the rest of its batch: positions are logical (left padding
+does not move additions), sampling uses one seeded random stream per row (``RowSeededSampler``),
+and the other per-row settings (temperature, top-p, frequency penalty) are applied to each
+group of rows that shares them, with the processors of ``sampling_processors``.
+
+Streaming: a ``StoppingCriteria`` (``_RowTracker``) is called once per decoding step with the
+batch's token ids. It decodes each row's new token, hands the text delta to the row's job and
+says which rows are done (end-of-sequence, its own ``max_tokens``, a stop string, a cancelled
+request). transformers calls it *before* it hands tokens to a ``BaseStreamer``, so one object
+both streams and stops each row exactly at its own length. Jobs receive events through their
+``emit`` callable (the server forwards them into asyncio queues).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from actadd.errors import ActAddError, PromptError
+from actadd.generation import sampling_processors
+from actadd.hooks import Injection, steer
+from actadd.model import LM
+
+__all__ = ["Engine", "EngineClosed", "Event", "Job", "QueueFull", "Row"]
+
+log = logging.getLogger(__name__)
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down and takes no new work."""
+
+
+class QueueFull(RuntimeError):
+    """More rows are waiting than the engine accepts; retry later."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One completion to generate.
+
+    Args:
+        ids: prompt token ids (already tokenized, non-empty).
+        additions: steerables (``ActivationAddition``, ``SteeringVector``, ...); empty =
+            unsteered.
+        location: ``addition_location`` of the additions (``front``, ``mid``, ``back``, ``all``).
+        max_tokens: new tokens at most.
+        temperature, top_p, freq_penalty: sampling settings (``temperature=0`` is greedy).
+        seed: the row's own random stream (sampling only).
+        stop: strings that end the completion (not included in it).
+    """
+
+    ids: tuple[int, ...]
+    additions: tuple[Any, ...] = ()
+    location: str = "front"
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    freq_penalty: float = 0.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a job hears: ``start`` (its rows entered a batch), ``delta`` (new text of ``row``),
+    ``done`` (``row`` finished: ``reason`` is ``stop``/``length``/``cancelled``; ``tokens``
+    generated), ``error`` (the job failed: ``error``)."""
+
+    kind: str
+    row: int = -1
+    text: str = ""
+    reason: str = ""
+    tokens: int = 0
+    error: BaseException | None = None
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Job:
+    """Rows that belong to one request, and where their events go (called from the worker)."""
+
+    rows: list[Row]
+    emit: Callable[[Event], None]
+    id: int = field(default_factory=lambda: next(_ids))
+    cancelled: bool = False
+    failed: bool = False
+    started: bool = False
+    injections: dict[int, list[Injection]] = field(default_factory=dict)  # by id(additions)
+
+    def cancel(self) -> None:
+        """Stop generating this job's rows (e.g. the client went away)."""
+        self.cancelled = True
+
+    def _fail(self, err: BaseException) -> None:
+        if not self.failed:
+            self.failed = True
+            self.emit(Event("error", error=err))
+
+
+class _Fixed:
+    """Injections resolved ahead of the batch, as a steerable (``.injections(lm)``)."""
+
+    def __init__(self, injections: list[Injection]) -> None:
+        self._inj = injections
+
+    def injections(self, lm: LM) -> list[Injection]:
+        return self._inj
+
+
+class _RowGroups(LogitsProcessor):
+    """Each group of rows through its own ``sampling_processors`` (row-wise, so batch-free)."""
+
+    def __init__(self, groups: list[tuple[Tensor, LogitsProcessorList]]) -> None:
+        self.groups = groups
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        out = scores.clone()  # [B, V]
+        for idx, procs in self.groups:
+            if len(procs):
+                out[idx] = procs(input_ids[idx], scores[idx]).to(out.dtype)  # type: ignore[arg-type]
+        return out
+
+
+@dataclass
+class _RowState:
+    job: Job
+    index: int  # row index inside the job
+    row: Row
+    tokens: list[int] = field(default_factory=list)
+    sent: int = 0  # characters of the decoded text already emitted
+    done: bool = False
+
+
+class _RowTracker(StoppingCriteria):
+    """Per step: decode each row's new token, stream its text, and say which rows are done."""
+
+    def __init__(self, lm: LM, states: list[_RowState], eos: set[int]) -> None:
+        self.tok, self.states, self.eos = lm.tokenizer, states, eos
+
+    def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        new = input_ids[:, -1].tolist()
+        for st, token in zip(self.states, new, strict=True):
+            if st.done:
+                continue
+            if st.job.cancelled or st.job.failed:
+                self._finish(st, "cancelled")
+            elif token in self.eos:
+                self._finish(st, "stop")
+            else:
+                st.tokens.append(int(token))
+                self._advance(st)
+        return torch.tensor([st.done for st in self.states], device=input_ids.device)
+
+    def _advance(self, st: _RowState) -> None:
+        text = self.tok.decode(st.tokens, skip_special_tokens=True)
+        stops = st.row.stop
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._send(st, text[:cut])
+            self._finish(st, "stop", flush=None)
+            return
+        full = len(st.tokens) >= st.row.max_tokens
+        safe = len(text)
+        if not full:
+            # hold back an incomplete UTF-8 character and a possible start of a stop string
+            if text.endswith("\ufffd"):
+                safe -= 1
+            for s in stops:
+                for k in range(min(len(s) - 1, safe), 0, -1):
+                    if text[:safe].endswith(s[:k]):
+                        safe -= k
+                        break
+        self._send(st, text[:safe])
+        if full:
+            self._finish(st, "length", flush=None)
+
+    def _send(self, st: _RowState, text: str) -> None:
+        if len(text) > st.sent:
+            st.job.emit(Event("delta", st.index, text[st.sent :]))
+            st.sent = len(text)
+
+    def _finish(self, st: _RowState, reason: str, flush: str | None = "") -> None:
+        if flush is not None and st.tokens and reason != "cancelled":
+            self._send(st, self.tok.decode(st.tokens, skip_special_tokens=True))
+        st.done = True
+        st.job.emit(Event("done", st.index, reason=reason, tokens=len(st.tokens)))
+
+    def finish_all(self) -> None:
+        for st in self.states:
+            if not st.done:
+                self._finish(st, "length")
+
+
+class Engine:
+    """One worker thread that batches waiting rows into ``generate`` calls.
+
+    Args:
+        lm: the model (the engine is its only user while running).
+        max_batch_rows: rows per ``generate`` call at most.
+        batch_window: seconds to wait for more rows after the first one arrives.
+        max_queue_rows: waiting rows at most; ``submit`` raises ``QueueFull`` beyond.
+
+    Example:
+        >>> engine = Engine(lm).start()  # doctest: +SKIP
+        >>> row = Row(tuple(lm.token_ids("Hi")), max_tokens=8)  # doctest: +SKIP
+        >>> engine.submit(Job([row], print))  # doctest: +SKIP
+        >>> engine.close()  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        lm: LM,
+        *,
+        max_batch_rows: int = 16,
+        batch_window: float = 0.02,
+        max_queue_rows: int = 512,
+    ) -> None:
+        self.lm = lm
+        self.max_batch_rows = max(1, int(max_batch_rows))
+        self.batch_window = max(0.0, float(batch_window))
+        self.max_queue_rows = int(max_queue_rows)
+        self._pending: deque[tuple[Job, int]] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._holds = 0
+        self._thread: threading.Thread | None = None
+        self.busy = False
+        self.eos = _eos_ids(lm)
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "multi_job_batches": 0}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="actadd-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no new jobs, finish every waiting and running row, then stop the thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    @property
+    def waiting_rows(self) -> int:
+        return len(self._pending)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Hold the worker between batches (jobs queue up), e.g. to batch a test's requests."""
+        with self._cond:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holds -= 1
+                self._cond.notify_all()
+
+    def submit(self, job: Job) -> None:
+        if not job.rows:
+            raise ActAddError("a job needs at least one row")
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the server is shutting down")
+            if len(self._pending) + len(job.rows) > self.max_queue_rows:
+                raise QueueFull(f"{len(self._pending)} rows are waiting; retry in a moment")
+            self._pending.extend((job, i) for i in range(len(job.rows)))
+            self._cond.notify_all()
+
+    # -- the worker ------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self.busy = True
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # a bug or an unexpected model error: fail this batch only
+                log.exception("batch of %d rows failed", len(batch))
+                for job in {job for job, _ in batch}:
+                    job._fail(e)
+            finally:
+                self.busy = False
+
+    def _take(self) -> list[tuple[Job, int]] | None:
+        with self._cond:
+            while not self._pending or self._holds:
+                if self._closing and not self._pending:
+                    return None
+                self._cond.wait()
+            deadline = time.monotonic() + self.batch_window
+            while not self._closing and len(self._pending) < self.max_batch_rows:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return self._select()
+
+    def _select(self) -> list[tuple[Job, int]]:
+        """The first waiting rows that share a location (unsteered rows fit any batch)."""
+        location: str | None = None
+        batch: list[tuple[Job, int]] = []
+        rest: deque[tuple[Job, int]] = deque()
+        for job, i in self._pending:
+            if job.cancelled or job.failed:
+                continue
+            row = job.rows[i]
+            fits = not row.additions or location in (None, row.location)
+            if fits and len(batch) < self.max_batch_rows:
+                batch.append((job, i))
+                if row.additions:
+                    location = row.location
+            else:
+                rest.append((job, i))
+        self._pending = rest
+        return batch
+
+    def _resolve(self, job: Job, row: Row) -> list[Injection]:
+        key = id(row.additions)
+        if key not in job.injections:
+            inj = [i for a in row.additions for i in a.injections(self.lm)]
+            need = max((i.tensor.shape[0] for i in inj), default=0)
+            if row.location != "all" and need > len(row.ids):
+                raise PromptError(
+                    f"the prompt has {len(row.ids)} tokens but an addition has {need}: use a "
+                    "longer prompt, shorter steering prompts, or steering_location 'all'"
+                )
+            job.injections[key] = inj
+        return job.injections[key]
+
+    @torch.no_grad()
+    def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
+        resolved: list[tuple[_RowState, list[Injection]]] = []
+        for job, i in batch:
+            if job.failed:
+                continue
+            try:
+                inj = self._resolve(job, job.rows[i])
+            except Exception as e:  # bad steering for this job: fail it alone
+                job._fail(e)
+                continue
+            resolved.append((_RowState(job, i, job.rows[i]), inj))
+        resolved = [(st, inj) for st, inj in resolved if not st.job.failed]
+        if not resolved:
+            return
+        states = [st for st, _ in resolved]
+        rows = [[_Fixed(inj)] if inj else [] for _, inj in resolved]
+        for st in states:
+            if not st.job.started:
+                st.job.started = True
+                st.job.emit(Event("start"))
+        self.stats["batches"] += 1
+        self.stats["rows"] += len(states)
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(states))
+        if len({id(s.job) for s in states}) > 1:
+            self.stats["multi_job_batches"] += 1
+        specs = [s.row for s in states]
+        ids, mask = self._pad([s.ids for s in specs])
+        location = next((s.location for s in specs if s.additions), "front")
+        tracker = _RowTracker(self.lm, states, self.eos)
+        config = GenerationConfig(
+            max_new_tokens=max(s.max_tokens for s in specs),
+            do_sample=False,  # sampling happens per row in RowSeededSampler
+            pad_token_id=self.lm.pad_token_id,
+            eos_token_id=sorted(self.eos) or None,
+        )
+        log.info("batch: %d rows from %d jobs, %s", len(states),
+                 len({id(s.job) for s in states}), location)  # fmt: skip
+        with steer(self.lm, rows, addition_location=location):
+            self.lm.model.generate(  # type: ignore[operator]
+                input_ids=ids, attention_mask=mask, generation_config=config,
+                logits_processor=LogitsProcessorList([self._processors(specs, mask)]),
+                stopping_criteria=StoppingCriteriaList([tracker]),
+            )  # fmt: skip
+        tracker.finish_all()
+
+    def _pad(self, rows: Sequence[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.lm.pad_token_id
+        ids = [[pad] * (width - len(r)) + list(r) for r in rows]
+        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        dev = self.lm.device
+        return torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)  # [B, T] each
+
+    def _processors(self, specs: list[Row], mask: Tensor) -> _RowGroups:
+        start = (mask == 0).sum(-1)  # [B] first real token of each row
+        groups: dict[tuple[float, float, float], list[int]] = {}
+        for b, s in enumerate(specs):
+            key = (s.temperature, s.top_p if s.temperature > 0 else 1.0, s.freq_penalty)
+            groups.setdefault(key, []).append(b)
+        out = []
+        for (temperature, top_p, penalty), members in groups.items():
+            idx = torch.tensor(members, device=mask.device)
+            procs = sampling_processors(
+                seeds=[specs[b].seed for b in members] if temperature > 0 else None,
+                temperature=temperature, top_p=top_p, freq_penalty=penalty,
+                start=start[idx], device=self.lm.device,
+            )  # fmt: skip
+            out.append((idx, procs))
+        return _RowGroups(out)
+
+
+def _eos_ids(lm: LM) -> set[int]:
+    """End-of-sequence ids: the tokenizer's and the model's generation config's."""
+    ids: set[int] = set()
+    tok_eos = lm.tokenizer.eos_token_id
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    gen = getattr(lm.model, "generation_config", None)
+    cfg_eos = getattr(gen, "eos_token_id", None)
+    if isinstance(cfg_eos, int):
+        ids.add(cfg_eos)
+    elif isinstance(cfg_eos, (list, tuple)):
+        ids.update(int(i) for i in cfg_eos)
+    return ids

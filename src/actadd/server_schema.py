@@ -1,0 +1,215 @@
+"""Request bodies of ``actadd serve``: OpenAI's shapes plus ``steering``, and the error shape.
+
+``steering`` is a list; each entry is one of
+
+* ``{"prompt": "Love", "coeff": 5, "layer": 6}``: one ActAdd addition;
+* ``{"add": "Love", "sub": "Hate", "coeff": 5, "layer": 6}``: an x-vector pair
+  (``"pad": true`` pads the shorter prompt with spaces, ``pad_method="tokens_right"``);
+* ``{"vector": "honesty", "coeff": 4}``: a stored ``SteeringVector`` (``GET /v1/vectors``),
+  at its own sites, with ``coeff`` replacing its coefficient when given;
+
+with an optional ``"site"`` (``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out``). All
+entries of a request share ``steering_location`` (``front``, ``mid``, ``back`` or ``all``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = [
+    "APIError",
+    "ChatMessage",
+    "ChatRequest",
+    "CompletionRequest",
+    "Limits",
+    "SteeringSpec",
+    "SweepRequest",
+    "validation_error",
+]
+
+SiteKind = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
+Location = Literal["front", "mid", "back", "all"]
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status, message, type, param, code,
+        )  # fmt: skip
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message, "type": self.type, "param": self.param,
+                "code": self.code,
+            }
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; beyond it the server answers 4xx and keeps serving."""
+
+    max_prompt_tokens: int = 1024
+    max_tokens: int = 512
+    default_chat_max_tokens: int = 128
+    max_n: int = 8
+    max_prompts: int = 8  # prompts in one /v1/completions request
+    max_rows: int = 16  # prompts × n
+    max_additions: int = 8
+    max_coeff: float = 1000.0
+    max_stop: int = 4
+    max_body_bytes: int = 1 << 20  # JSON bodies
+    max_vector_bytes: int = 64 << 20  # PUT /v1/vectors/{name}
+    max_vectors: int = 256
+    max_sweep_rows: int = 96  # layers × coeffs × n
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SteeringSpec(_Strict):
+    """One entry of ``steering`` (see the module docs)."""
+
+    prompt: str | None = None
+    add: str | None = None
+    sub: str | None = None
+    vector: str | None = None
+    coeff: float | None = Field(None, allow_inf_nan=False)
+    layer: int | None = None
+    site: SiteKind = "resid_pre"
+    pad: bool = False
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SteeringSpec:
+        kinds = [self.prompt is not None, self.add is not None, self.vector is not None]
+        if sum(kinds) != 1:
+            raise ValueError(
+                'give exactly one of "prompt", "add" (with optional "sub") or "vector"'
+            )
+        if self.sub is not None and self.add is None:
+            raise ValueError('"sub" needs "add" (an x-vector is add − sub)')
+        if self.vector is None and self.layer is None:
+            raise ValueError('"layer" is required for prompt additions, e.g. "layer": 6')
+        if self.vector is not None and (self.layer is not None or self.pad):
+            raise ValueError('a "vector" entry steers at its own sites: drop "layer"/"pad"')
+        return self
+
+
+class _Sampling(_Strict):
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float = Field(0.0, allow_inf_nan=False)
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    stop: str | list[str] | None = None
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Any = None
+    steering: list[SteeringSpec] = Field(default_factory=list)
+    steering_location: Location = "front"
+
+
+class CompletionRequest(_Sampling):
+    """``POST /v1/completions``: OpenAI's legacy completions, plus ``steering``."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(16, ge=1)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+
+
+class ChatRequest(_Sampling):
+    """``POST /v1/chat/completions``: OpenAI's chat completions, plus ``steering``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class SweepRequest(_Strict):
+    """``POST /v1/actadd/sweep``: a metric of steered completions over coefficients × layers.
+
+    Each point samples ``n`` completions with seeds ``seed .. seed+n-1`` (the same seeds at
+    every point, so points differ only by the steering); coefficient 0 is the unsteered model.
+    """
+
+    prompt: str
+    add: str | None = None
+    sub: str | None = None
+    vector: str | None = None
+    layers: list[int] = Field(default_factory=lambda: [6], min_length=1, max_length=8)
+    coeffs: list[FiniteFloat] = Field(min_length=1, max_length=21)
+    site: SiteKind = "resid_pre"
+    location: Location = "front"
+    metric: Literal["sentiment", "word_count"] = "sentiment"
+    words: list[str] | None = None
+    n: int = Field(2, ge=1, le=16)
+    max_tokens: int = Field(24, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
+    top_p: float = Field(0.3, gt=0, le=1, allow_inf_nan=False)
+    frequency_penalty: float = Field(1.0, ge=-2, le=2, allow_inf_nan=False)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _what(self) -> SweepRequest:
+        if (self.add is None) == (self.vector is None):
+            raise ValueError('give "add" (with optional "sub") or "vector"')
+        if self.metric == "word_count" and not self.words:
+            raise ValueError('metric "word_count" needs "words", e.g. ["love", "loving"]')
+        return self
+
+
+def error_param(loc: tuple[Any, ...]) -> str | None:
+    """``("body", "steering", 0, "coeff")`` → ``"steering[0].coeff"`` (OpenAI's ``param``)."""
+    out = ""
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "path") else loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or None
+
+
+def validation_error(errors: list[Any]) -> APIError:
+    """A 400 ``APIError`` for pydantic's errors: the first three, and the first one's field."""
+    first = errors[0] if errors else {"msg": "invalid request", "loc": (), "type": "invalid"}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {first.get('msg')}", code="json_invalid")
+    msgs = []
+    for e in errors[:3]:
+        where = error_param(tuple(e.get("loc", ())))
+        msg = str(e.get("msg", "")).removeprefix("Value error, ")
+        msgs.append(f"{where}: {msg}" if where else msg)
+    more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
+    return APIError(
+        400, "; ".join(msgs) + more, param=error_param(tuple(first.get("loc", ()))),
+        code=str(first.get("type")),
+    )  # fmt: skip
