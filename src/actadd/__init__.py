@@ -12,6 +12,8 @@ from actadd import metrics as metrics  # research toolkit modules: actadd.metric
 from actadd import plots as plots
 from actadd import sweeps as sweeps
 from actadd.additions import ActivationAddition, get_activations, get_x_vector
+from actadd.contrast import make_vector, mean_diff, pca
+from actadd.datasets import ContrastDataset, ContrastPair, list_datasets, load_pairs
 from actadd.diagnostics import steering_magnitudes_relative_to_prompt
 from actadd.errors import (
     ActAddError,
@@ -24,6 +26,8 @@ from actadd.generation import compare, gen_using_activation_additions, print_n_c
 from actadd.hooks import Injection, capture, hooked, steer
 from actadd.metrics import MissingDependencyError
 from actadd.model import LM, load_model
+from actadd.optimize import OptimizeResult, optimize_vector
+from actadd.search import search_pairs
 from actadd.sites import Site, SiteMap, get_act_name
 from actadd.sweeps import (
     SlicedAddition,
@@ -31,6 +35,7 @@ from actadd.sweeps import (
     reduce_sweep_results,
     sweep_over_prompts,
 )
+from actadd.vectors import SteeringVector
 
 __version__ = "0.1.0"
 
@@ -38,14 +43,18 @@ __all__ = [
     "LM",
     "ActAddError",
     "ActivationAddition",
+    "ContrastDataset",
+    "ContrastPair",
     "Injection",
     "MissingDependencyError",
     "ModelLoadError",
+    "OptimizeResult",
     "PromptError",
     "Site",
     "SiteError",
     "SiteMap",
     "SlicedAddition",
+    "SteeringVector",
     "VectorFileError",
     "capture",
     "compare",
@@ -54,10 +63,17 @@ __all__ = [
     "get_activations",
     "get_x_vector",
     "hooked",
+    "list_datasets",
     "load_model",
+    "load_pairs",
     "make_activation_additions",
+    "make_vector",
+    "mean_diff",
+    "optimize_vector",
+    "pca",
     "print_n_comparisons",
     "reduce_sweep_results",
+    "search_pairs",
     "steer",
     "steering_magnitudes_relative_to_prompt",
     "sweep_over_prompts",

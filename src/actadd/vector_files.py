@@ -1,0 +1,268 @@
+"""Steering-vector files: safetensors (actadd's own, with metadata) and llama.cpp's GGUF.
+
+**safetensors** (never pickle): one float32 tensor ``[D]`` per site, named by its
+TransformerLens site (``blocks.6.hook_resid_pre``); the header's metadata holds
+``format=actadd.steering_vector``, ``format_version``, ``coeff`` and ``meta`` (JSON).
+
+**GGUF control vectors** (llama.cpp ``--control-vector``, repeng ``export_gguf``):
+architecture ``controlvector``, ``controlvector.model_hint`` (the model type),
+``controlvector.layer_count``, and one float32 tensor ``direction.N`` per layer.
+
+Layer numbering, read from llama.cpp's source (``common_control_vector_load_one`` and
+``llama_adapter_cvec``): ``direction.N`` is stored at row ``N - 1`` of the control buffer, which
+becomes the tensor of layer ``il = N``, added by ``build_cvec(cur, il)`` to the *output* of
+decoder layer ``N`` (0-based, the ``l_out`` tensor); ``direction.0`` is rejected ("invalid (zero)
+direction tensor layer index"). repeng agrees: its ``direction.N`` is read from
+``hidden_states[N + 1]`` and added to the output of ``model.layers[N]``. So
+
+=====================================  ================================
+actadd site                            GGUF tensor
+=====================================  ================================
+``blocks.N.hook_resid_post``           ``direction.N``
+``blocks.N.hook_resid_pre`` (N ≥ 1)    ``direction.{N-1}`` (same point)
+=====================================  ================================
+
+and import gives ``blocks.N.hook_resid_post``. Export writes ``coeff × direction`` (a file
+steers at strength 1 as the vector does); ``attn_out``/``mlp_out`` sites have no GGUF slot.
+actadd's metadata rides along as the string ``actadd.meta``, which llama.cpp ignores.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from actadd.errors import ActAddError, VectorFileError
+from actadd.model import LM
+from actadd.sites import Site, parse_site
+from actadd.vectors import SteeringVector, _now
+
+__all__ = ["check_fits", "load_gguf", "load_safetensors", "save_gguf", "save_safetensors"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "actadd.steering_vector"
+FORMAT_VERSION = "1"
+GGUF_ARCH = "controlvector"
+_DIRECTION_RE = re.compile(r"^direction\.(\d+)$")
+
+
+# -- safetensors ----------------------------------------------------------------------------
+def save_safetensors(v: SteeringVector, path: str | os.PathLike[str]) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: d.detach().float().cpu().contiguous() for k, d in v.directions.items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "coeff": repr(float(v.coeff)),
+        "meta": json.dumps(dict(v.meta), default=str),
+    }
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def load_safetensors(
+    path: str | os.PathLike[str], lm: LM | None = None, *, strict: bool = True
+) -> SteeringVector:
+    from safetensors import SafetensorError, safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise VectorFileError(f"no such steering-vector file: {p}")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        hint = " (it looks like GGUF: use SteeringVector.from_gguf)" if _is_gguf(p) else ""
+        raise VectorFileError(
+            f"{p} is not a readable safetensors file: corrupted or truncated?{hint} ({e})"
+        ) from e
+    if header.get("format") != FORMAT:
+        raise VectorFileError(
+            f"{p} is a safetensors file but not an actadd steering vector (its metadata has "
+            f"format={header.get('format')!r}, expected {FORMAT!r}); model weights or another "
+            "tool's vectors cannot be loaded as one"
+        )
+    if header.get("format_version") != FORMAT_VERSION:
+        raise VectorFileError(
+            f"{p} has steering-vector format version {header.get('format_version')!r}; this "
+            f"actadd reads version {FORMAT_VERSION}: upgrade actadd"
+        )
+    try:
+        coeff = float(header["coeff"])
+        meta = json.loads(header.get("meta", "{}"))
+        if not isinstance(meta, dict):
+            raise ValueError("meta is not a JSON object")
+        v = SteeringVector(tensors, coeff, meta)
+    except (KeyError, ValueError, TypeError) as e:  # ActAddError is a ValueError
+        raise VectorFileError(f"{p} is damaged: {e}") from e
+    if lm is not None:
+        check_fits(v, lm, source=str(p), strict=strict)
+    return v
+
+
+def check_fits(
+    v: SteeringVector, lm: LM, *, source: str = "this vector", strict: bool = True
+) -> None:
+    """Raise ``VectorFileError`` if ``v`` was made for a model of another shape or tokenizer."""
+    made = v.meta.get("model", "an unknown model")
+    if v.d_model != lm.d_model:
+        raise VectorFileError(
+            f"{source} has d_model={v.d_model} (made for {made}) but {lm.name} has "
+            f"d_model={lm.d_model}: steering vectors only fit the model they were made with"
+        )
+    for name in v.sites:
+        try:
+            parse_site(name, lm.n_layers)
+        except ActAddError as e:
+            raise VectorFileError(
+                f"{source} (made for {made}, {v.meta.get('n_layers', '?')} layers) has site "
+                f"{name}, which {lm.name} lacks: {e}"
+            ) from e
+    fp = v.meta.get("fingerprint")
+    if fp and fp != lm.fingerprint:
+        n_layers = v.meta.get("n_layers")
+        why = (
+            f"{n_layers} layers vs {lm.n_layers}"
+            if n_layers not in (None, lm.n_layers)
+            else "another tokenizer or sequence-start (BOS) policy"
+        )
+        msg = (
+            f"{source} was made for {made} (fingerprint {fp}) but {lm.name} has fingerprint "
+            f"{lm.fingerprint}: {why}. Rebuild the vector for this model, or pass strict=False "
+            "if you know the residual streams match"
+        )
+        if strict:
+            raise VectorFileError(msg)
+        log.warning(msg)
+
+
+def _is_gguf(p: Path) -> bool:
+    with p.open("rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+# -- GGUF -------------------------------------------------------------------------------------
+def gguf_layer(site: Site) -> int:
+    """The ``direction.N`` index of a site (see the module docstring)."""
+    if site.kind == "resid_post":
+        n = site.layer
+    elif site.kind == "resid_pre":
+        n = site.layer - 1
+    else:
+        raise VectorFileError(
+            f"{site} has no GGUF control-vector slot: llama.cpp only adds to the residual "
+            "stream between layers (use hook_resid_pre or hook_resid_post)"
+        )
+    if n < 1:
+        raise VectorFileError(
+            f"{site} is the output of layer 0 or earlier; llama.cpp rejects direction.0 and has "
+            "no slot before it: use blocks.N.hook_resid_pre with N >= 2 (or resid_post N >= 1)"
+        )
+    return n
+
+
+def save_gguf(
+    v: SteeringVector, path: str | os.PathLike[str], *, model_hint: str | None = None
+) -> None:
+    import gguf
+
+    n_layers = v.meta.get("n_layers")
+    rows: dict[int, np.ndarray] = {}
+    for name, d in v.directions.items():
+        layer = int(name.split(".")[1])
+        if layer < 0 and not n_layers:
+            raise VectorFileError(f"{name}: negative layers need meta['n_layers'] to export")
+        site = parse_site(name, int(n_layers) if n_layers else layer + 1)
+        n = gguf_layer(site)
+        arr = (v.coeff * d.detach().double().cpu()).numpy()
+        rows[n] = rows[n] + arr if n in rows else arr  # resid_pre N+1 and resid_post N add up
+    hint = model_hint or str(v.meta.get("model_type") or v.meta.get("model") or "unknown")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), GGUF_ARCH)
+    try:
+        writer.add_string(f"{GGUF_ARCH}.model_hint", hint)
+        writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(rows))
+        writer.add_string("actadd.meta", json.dumps({**dict(v.meta), "coeff": v.coeff,
+                                                     "sites": v.sites}, default=str))  # fmt: skip
+        for n in sorted(rows):
+            writer.add_tensor(f"direction.{n}", rows[n].astype(np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+
+
+def _field_str(reader: Any, key: str) -> str | None:
+    f = reader.get_field(key)
+    if f is None:
+        return None
+    value = f.contents()
+    return value if isinstance(value, str) else None
+
+
+def load_gguf(path: str | os.PathLike[str], lm: LM | None = None) -> SteeringVector:
+    import gguf
+
+    p = Path(path)
+    if not p.is_file():
+        raise VectorFileError(f"no such GGUF file: {p}")
+    try:
+        reader = gguf.GGUFReader(str(p))
+        arch = _field_str(reader, "general.architecture")
+        hint = _field_str(reader, f"{GGUF_ARCH}.model_hint")
+        extra = _field_str(reader, "actadd.meta")
+        tensors = [(t.name, t.tensor_type, np.array(t.data)) for t in reader.tensors]
+    except Exception as e:  # the reader raises ValueError, struct.error, IndexError, ...
+        raise VectorFileError(
+            f"{p} is not a readable GGUF file: corrupted or truncated? ({e})"
+        ) from e
+    if arch != GGUF_ARCH:
+        raise VectorFileError(
+            f"{p} is a GGUF file of architecture {arch!r}, not a control vector "
+            f"({GGUF_ARCH!r}): is it a model file?"
+        )
+    dirs: dict[str, torch.Tensor] = {}
+    for name, kind, data in tensors:
+        m = _DIRECTION_RE.match(name)
+        if m is None:
+            raise VectorFileError(f"{p}: tensor {name!r} is not named direction.<layer>")
+        if kind not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            raise VectorFileError(f"{p}: {name} has type {kind.name}; llama.cpp needs F32")
+        if data.ndim != 1:
+            raise VectorFileError(f"{p}: {name} has shape {data.shape}; need one dimension")
+        dirs[f"blocks.{int(m.group(1))}.hook_resid_post"] = torch.from_numpy(
+            data.astype(np.float32)
+        )
+    if not dirs:
+        raise VectorFileError(f"{p} has no direction tensors")
+    meta: dict[str, Any] = {}
+    if extra:
+        try:
+            meta = json.loads(extra)
+        except json.JSONDecodeError:
+            log.warning("%s: ignoring unreadable actadd.meta", p)
+    meta.pop("coeff", None)
+    meta.pop("sites", None)
+    meta.setdefault("model_type", hint)
+    meta.update({"imported_from": f"gguf:{p.name}", "gguf_model_hint": hint, "loaded": _now()})
+    try:
+        v = SteeringVector(dirs, 1.0, meta)
+    except ActAddError as e:
+        raise VectorFileError(f"{p}: {e}") from e
+    if lm is not None:
+        model_type = getattr(lm.model.config, "model_type", None)
+        if hint and model_type and hint not in (model_type, lm.name):
+            log.warning("%s was made for model type %r, loading into %r", p, hint, model_type)
+        check_fits(v, lm, source=str(p), strict=True)
+    return v
