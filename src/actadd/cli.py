@@ -169,6 +169,153 @@ def serve(
     uvicorn.run(web, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
 
 
+# -- sweep (issue 3) -----------------------------------------------------------------------------
+SWEEP_METRICS = ("wedding", "wedding_any", "sentiment", "words", "similarity")
+
+
+def _numbers(text: str, kind: type, what: str) -> list:  # type: ignore[type-arg]
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise typer.BadParameter(f"{what} must be comma-separated numbers, got {text!r}") from e
+
+
+@app.command()
+def sweep(
+    prompt: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="prompt to complete (repeatable) [default: I went up to my friend and said]"
+        ),
+    ] = None,
+    add: Annotated[str, typer.Option(help="prompt whose activations are added")] = " weddings",
+    sub: Annotated[
+        str | None, typer.Option(help="prompt whose activations are subtracted (x-vector)")
+    ] = " ",
+    layers: Annotated[str, typer.Option(help="comma-separated layers")] = "2,4,6,8",
+    coeffs: Annotated[str, typer.Option(help="comma-separated coefficients")] = "1,2,4,8",
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help=f"metric (repeatable): {', '.join(SWEEP_METRICS)} [default: wedding]"),
+    ] = None,
+    words: Annotated[
+        str | None, typer.Option(help="comma-separated words for --metric words")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option(help="passage for --metric similarity (needs actadd[embed])")
+    ] = None,
+    n: Annotated[int, typer.Option("--n", help="completions per configuration and baseline")] = 20,
+    tokens: Annotated[int, typer.Option(help="tokens to generate")] = 40,
+    seed: Annotated[int, typer.Option(help="completion i samples with seed+i (paired)")] = 0,
+    temperature: Annotated[float, typer.Option(help="0 is greedy")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 0.3,
+    freq_penalty: Annotated[float, typer.Option(help="OpenAI-style frequency penalty")] = 1.0,
+    location: Annotated[str, typer.Option(help="front, mid, back or all")] = "front",
+    pad: Annotated[bool, typer.Option(help="pad the shorter prompt with spaces")] = False,
+    batch_size: Annotated[
+        int | None, typer.Option(help="rows per generate call (default: fit memory)")
+    ] = None,
+    out: Annotated[str, typer.Option(help="output directory")] = "results",
+    top: Annotated[int, typer.Option(help="best configurations to show")] = 5,
+    model: ModelOpt = None,
+) -> None:
+    """Sweep layers × coefficients, batched; write rows (CSV, Parquet), a summary and plots."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    import actadd
+    from actadd import metrics as M
+    from actadd import plots as P
+    from actadd import sweeps as S
+
+    prompt = prompt or ["I went up to my friend and said"]
+    metric = metric or ["wedding"]
+    bad = [m for m in metric if m not in SWEEP_METRICS]
+    if bad:
+        raise fail(actadd.ActAddError(f"unknown metric {bad}: use {', '.join(SWEEP_METRICS)}"))
+    try:
+        metrics: dict[str, M.Metric] = {}
+        for m in metric:
+            if m == "wedding":
+                metrics[m] = M.get_word_count_metric()
+            elif m == "wedding_any":
+                metrics[m] = M.get_word_count_metric(binary=True)
+            elif m == "sentiment":
+                metrics[m] = M.get_sentiment_metric()
+            elif m == "words":
+                if not words:
+                    raise actadd.ActAddError("--metric words needs --words a,b,c")
+                metrics[m] = M.get_word_count_metric(words.split(","))
+            elif m == "similarity":
+                if not target:
+                    raise actadd.ActAddError("--metric similarity needs --target 'a passage'")
+                metrics[m] = M.get_embedding_metric(target)
+        lm = load(model)
+        phrases = [(add, 1.0)] + ([(sub, -1.0)] if sub is not None else [])
+        configs = S.make_activation_additions(
+            [phrases], _numbers(layers, int, "--layers"), _numbers(coeffs, float, "--coeffs"),
+            pad=pad, model=lm,
+        )  # fmt: skip
+        console.print(
+            f"{len(configs)} configurations × {n} completions + {n} unsteered per prompt, "
+            f"{tokens} tokens, batched"
+        )
+        normal, patched = S.sweep_over_prompts(
+            lm, prompt, configs, n, n, tokens, seed=seed, metrics_dict=metrics,
+            temperature=temperature, top_p=top_p, freq_penalty=freq_penalty,
+            addition_location=location, batch_size=batch_size,
+        )  # fmt: skip
+    except actadd.ActAddError as e:
+        raise fail(e) from e
+    if normal.attrs.get("interrupted"):
+        console.print("[yellow]interrupted:[/] writing the rows finished so far")
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows = pd.concat([normal, patched], ignore_index=True)
+    rows.to_csv(outdir / "rows.csv", index=False)
+    written = [outdir / "rows.csv"]
+    try:
+        rows.to_parquet(outdir / "rows.parquet", index=False)
+        written.append(outdir / "rows.parquet")
+    except ImportError:
+        console.print("[yellow]no pyarrow:[/] skipped rows.parquet")
+    if patched.empty:
+        console.print(f"wrote {', '.join(map(str, written))}")
+        return
+    reduced_n, reduced = S.reduce_sweep_results(normal, patched)
+    reduced.to_csv(outdir / "summary.csv", index=False)
+    written.append(outdir / "summary.csv")
+    for m in [*metrics, "loss"]:
+        figs = {
+            f"{m}_by_layer": lambda b, m=m: P.line_plot(reduced, m, baseline=reduced_n, backend=b),
+            f"{m}_heatmap": lambda b, m=m: P.heatmap(reduced, m, backend=b),
+        }
+        for name, make in figs.items():
+            written.append(P.save_figure(make("plotly"), outdir / f"{name}.html"))
+            written.append(P.save_figure(make("matplotlib"), outdir / f"{name}.png"))
+    first = next(iter(metrics), "loss")
+    best = S.best_configurations(reduced, first, k=top, ascending=first == "loss")
+    table = Table(title=f"best configurations by {first} (paired Δ vs unsteered, same seeds)")
+    for col in ("prompt", "layer", "coeff", first, f"Δ {first}", "loss", "n"):
+        table.add_column(col, justify="left" if col == "prompt" else "right")
+    for r in best.itertuples():
+        row = r._asdict()
+        table.add_row(
+            str(r.prompts)[:30], str(r.layer), f"{r.coeff:g}",
+            f"{row[first]:.3f} ± {row[first + '_sem']:.3f}",
+            f"{row[first + '_diff']:+.3f} ± {row[first + '_diff_sem']:.3f}",
+            f"{r.loss:.2f}", str(r.n),
+        )  # fmt: skip
+    for r in reduced_n.itertuples():
+        row = r._asdict()
+        table.add_row(str(r.prompts)[:30] + " (unsteered)", "—", "—",
+                      f"{row[first]:.3f} ± {row[first + '_sem']:.3f}", "", f"{r.loss:.2f}",
+                      str(r.n))  # fmt: skip
+    console.print(table)
+    console.print(f"wrote {len(written)} files to {outdir}/ (rows.csv, summary.csv, plots)")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
