@@ -153,9 +153,9 @@ def optimize_vector(
         h = capture(lm, probe.ids, [site], attention_mask=probe.mask)[site].float()
         norms = h[:, 1:].norm(dim=-1)[probe.mask[:, 1:].bool()]
         scale = float(norms.median()) / math.sqrt(lm.d_model)
-    v0 = init.directions[site.name] * init.coeff if init is not None else None
     if init is not None and site.name not in init.directions:
         raise ActAddError(f"init has sites {init.sites}, not {site.name}")
+    v0 = init.directions[site.name] * init.coeff if init is not None else None
     v = (v0.detach().float().clone() if v0 is not None else torch.zeros(lm.d_model)).to(lm.device)
     v.requires_grad_(True)
     opt = torch.optim.Adam([v], lr=lr * scale)
