@@ -173,7 +173,7 @@ def serve(
 SWEEP_METRICS = ("wedding", "wedding_any", "sentiment", "words", "similarity")
 
 
-def _numbers(text: str, kind: type, what: str) -> list:  # type: ignore[type-arg]
+def _numbers(text: str, kind: type[float], what: str) -> list[float]:
     try:
         return [kind(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
@@ -253,10 +253,10 @@ def sweep(
                 metrics[m] = M.get_embedding_metric(target)
         lm = load(model)
         phrases = [(add, 1.0)] + ([(sub, -1.0)] if sub is not None else [])
+        layer_list = [int(x) for x in _numbers(layers, int, "--layers")]
         configs = S.make_activation_additions(
-            [phrases], _numbers(layers, int, "--layers"), _numbers(coeffs, float, "--coeffs"),
-            pad=pad, model=lm,
-        )  # fmt: skip
+            [phrases], layer_list, _numbers(coeffs, float, "--coeffs"), pad=pad, model=lm
+        )
         console.print(
             f"{len(configs)} configurations × {n} completions + {n} unsteered per prompt, "
             f"{tokens} tokens, batched"

@@ -31,7 +31,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pandas as pd
@@ -79,8 +79,8 @@ WEDDING_WORDS = (
     "honeymoon",
 )
 
-TextData = str | Sequence[str] | pd.Series | pd.DataFrame
-Metric = Callable[[TextData], "pd.Series | pd.DataFrame"]
+TextData: TypeAlias = "str | Sequence[str] | pd.Series | pd.DataFrame"
+Metric: TypeAlias = "Callable[[TextData], pd.Series | pd.DataFrame]"
 
 
 class MissingDependencyError(ActAddError, ImportError):
