@@ -141,7 +141,7 @@ def test_resid_post_site_and_reading_shapes(llama):
     site = parse_site("blocks.1.hook_resid_post", llama.n_layers)
     pos, neg = read_pairs(llama, PAIRS, [site], read="last")
     assert pos[site].shape == neg[site].shape == (4, llama.d_model)
-    v = actadd.make_vector(llama, PAIRS, 1, site="resid_post")
+    v = actadd.make_vector(llama, PAIRS, 1, site="resid_post", read="last")
     torch.testing.assert_close(v.directions[site.name], (pos[site] - neg[site]).mean(0))
 
 

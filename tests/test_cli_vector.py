@@ -1,0 +1,91 @@
+"""`actadd vector ...` and `actadd compare --vector` on a tiny model saved to disk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import actadd
+from actadd import SteeringVector
+from actadd.cli import app
+from conftest import build_tiny
+
+PAIRS = [("good day", "bad day"), ("nice cat", "mean cat"), ("I win", "I lose")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    lm = build_tiny("llama", dtype=torch.float32)
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"positive": p, "negative": n}) + "\n" for p, n in PAIRS))
+    return path
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(app, list(args))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    return result.output
+
+
+def test_make_show_export_and_compare(tiny_dir, pairs_file, tmp_path):
+    out = tmp_path / "v.safetensors"
+    text = run("vector", "make", "--model", str(tiny_dir), "--pairs", str(pairs_file),
+               "--layers", "1-2", "--method", "pca", "--coeff", "2", "--out", str(out))  # fmt: skip
+    assert "blocks.2.hook_resid_pre" in text and out.exists()
+    lm = actadd.load_model(str(tiny_dir), device="cpu")
+    v = SteeringVector.load(out, lm)
+    assert v.sites == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"] and v.coeff == 2.0
+    assert v.meta["method"] == "pca" and v.meta["data"]["n_pairs"] == 3
+
+    # layer 1's input is the output of layer 0: llama.cpp has no slot for it
+    result = CliRunner().invoke(
+        app, ["vector", "export", str(out), "--gguf", str(tmp_path / "x.gguf")]
+    )
+    assert result.exit_code == 2 and "direction.0" in result.output
+    only2 = tmp_path / "l2.safetensors"
+    run("vector", "make", "--model", str(tiny_dir), "--pairs", str(pairs_file), "--layers", "2",
+        "--out", str(only2))  # fmt: skip
+    gguf = tmp_path / "v.gguf"
+    text = run("vector", "export", str(only2), "--gguf", str(gguf))
+    assert "blocks.2.hook_resid_pre → direction.1" in text
+    back = tmp_path / "back.safetensors"
+    run("vector", "export", str(gguf), "--safetensors", str(back))
+    w = SteeringVector.load(back, lm)
+    assert w.sites == ["blocks.1.hook_resid_post"]
+    assert "resid_post" in run("vector", "show", str(gguf))
+
+    text = run("compare", "--model", str(tiny_dir), "--prompt", "hello there", "--vector",
+               str(only2), "--coeff", "4", "--n", "2", "--tokens", "4")  # fmt: skip
+    assert "4 × ('mean_diff')" in text and ", all" in text
+
+
+def test_optimize_and_search(tiny_dir, pairs_file, tmp_path):
+    out, losses = tmp_path / "o.safetensors", tmp_path / "losses.csv"
+    text = run("vector", "optimize", "--model", str(tiny_dir), "--pairs", str(pairs_file),
+               "--layer", "1", "--steps", "3", "--neutral", "none", "--out", str(out),
+               "--losses", str(losses))  # fmt: skip
+    assert "loss curve" in text and out.exists() and len(losses.read_text().splitlines()) == 4
+    text = run("vector", "search", "--model", str(tiny_dir), "--targets", "q", "--prompt",
+               "hello world", "--candidate", "ab", "--candidate", "q", "--layer", "1")  # fmt: skip
+    assert "effectiveness" in text and "'ab'" in text
+
+
+def test_errors_are_reported(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nonsense")
+    result = CliRunner().invoke(app, ["vector", "show", str(bad)])
+    assert result.exit_code == 2 and "corrupted" in result.output
+    args = ["--model", str(tiny_dir), "--pairs", "nope", "--out", str(tmp_path / "o.safetensors")]
+    result = CliRunner().invoke(app, ["vector", "make", *args])
+    assert result.exit_code == 2 and "no dataset 'nope'" in result.output
