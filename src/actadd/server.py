@@ -383,7 +383,7 @@ def _routes(api: APIRouter, st: _State) -> None:
             "locations": ["front", "mid", "back", "all"], "limits": asdict(st.limits),
             "vectors": sorted(st.store.vectors), "auth": st.api_key is not None,
             "chat_template": bool(getattr(lm.tokenizer, "chat_template", None)),
-            "version": _version(),
+            "version": _version(), "engine": dict(st.engine.stats),
         }  # fmt: skip
 
     @api.post("/completions", response_model=None)
