@@ -57,7 +57,8 @@ def test_optimisation_reduces_loss_and_leaves_the_model_untouched(llama):
     res = optimize_vector(lm, TARGETS, layer=1, avoid=["goodbye world"], neutral=["xyz qrs"],
                           steps=25, lr=0.2, batch_size=4, callback=seen.append)  # fmt: skip
     losses = res.losses
-    assert list(losses.columns) == ["step", "loss", "target", "avoid", "kl", "norm"]
+    assert list(losses.columns) == ["step", "loss", "target", "avoid", "contrast", "kl", "norm"]
+    assert losses.contrast.eq(0).all()  # strings, not pairs: the likelihood objective
     assert len(losses) == 25 and len(seen) == 25
     assert losses.kl.iloc[0] == 0.0  # starts at v = 0: steered = unsteered
     assert losses.loss.iloc[-1] < 0.8 * losses.loss.iloc[0]
@@ -105,6 +106,7 @@ def test_dataset_targets_init_and_errors(llama):
     res = optimize_vector(llama, pairs and actadd.datasets.as_dataset(pairs), layer=1, steps=2,
                           neutral=None)  # fmt: skip
     assert res.vector.meta["data"]["n_pairs"] == 2
+    assert res.vector.meta["optimizer"]["objective"] == "contrast"  # pairs: contrast by default
     assert (res.losses.avoid > 0).all()  # negatives became the texts to avoid
     start = res.vector * 2
     same = optimize_vector(llama, TARGETS, layer=1, steps=1, lr=0.0, init=start, neutral=None)
@@ -116,3 +118,27 @@ def test_dataset_targets_init_and_errors(llama):
         optimize_vector(llama, TARGETS, layer=2, steps=1, init=start, neutral=None)
     with pytest.raises(actadd.ActAddError, match="one token"):
         optimize_vector(llama, [""], layer=1, steps=1, neutral=None)  # BOS alone
+
+
+def test_contrast_objective_separates_the_pairs(llama):
+    pairs = actadd.datasets.as_dataset([("good day", "bad day"), ("nice one", "mean one"),
+                                        ("I win", "I lose")])  # fmt: skip
+    res = optimize_vector(llama, pairs, layer=1, steps=20, lr=0.3, neutral=None, beta=0.5)
+    c = res.losses.contrast
+    assert c.iloc[0] == pytest.approx(0.6931, abs=1e-3)  # log 2: v = 0 makes no difference
+    assert c.iloc[-1] < 0.5 * c.iloc[0]
+    v = res.vector
+
+    def logp(text, adds):
+        ids = llama.to_tokens(text)
+        with torch.no_grad(), actadd.steer(llama, adds, addition_location="all"):
+            lp = torch.log_softmax(llama.model(ids).logits[0, :-1].float(), -1)
+        return float(lp.gather(-1, ids[0, 1:, None]).sum())
+
+    for p in pairs:
+        before = logp(p.positive, []) - logp(p.negative, [])
+        assert logp(p.positive, [v]) - logp(p.negative, [v]) > before
+    with pytest.raises(actadd.ActAddError, match="one text to avoid per target"):
+        optimize_vector(llama, TARGETS, avoid=["x y"], objective="contrast", layer=1, steps=1)
+    with pytest.raises(actadd.ActAddError, match="objective"):
+        optimize_vector(llama, TARGETS, objective="dpo", layer=1, steps=1)

@@ -2,13 +2,19 @@
 
 The vector ``v`` is added at one site (``addition_location="all"``: every token) through the
 ordinary ``steer`` hooks, whose layouts are differentiable, so the loss reaches ``v`` and
-nothing else. The loss, averaged per token:
+nothing else. Two objectives:
 
-* ``target``: the negative log-likelihood of target texts (or of completions after prompts);
-* ``avoid``: for texts to avoid, the unlikelihood ``-log(1 - p)`` of their tokens;
-* ``kl``: ``KL(unsteered || steered)`` of the next-token distributions on unrelated text,
-  so that steering changes what it should and leaves the rest alone;
-* ``norm``: ``||v||²`` (off by default).
+* ``likelihood``: ``target + avoid_weight × avoid``, where ``target`` is the negative
+  log-likelihood per token of the target texts (or of completions after prompts) and ``avoid``
+  the unlikelihood ``-log(1 - p)`` per token of the texts to avoid;
+* ``contrast`` (for paired data, the default then): ``-log σ(β (Δ⁺ − Δ⁻))`` per pair, where
+  ``Δ = log p_steered(text) − log p_unsteered(text)``, summed over the text's tokens (BiPO,
+  Cao et al. 2024). The tokens both texts of a pair share cancel, so the gradient is about what
+  differs (on whole sentences, likelihood is dominated by the shared words).
+
+Both add ``kl_weight × KL(unsteered || steered)`` of the next-token distributions on unrelated
+text, so that steering changes what it should and leaves the rest alone, and optionally
+``norm_weight × ||v||²``. ``target`` and ``avoid`` are reported for both objectives.
 
 Gradients are taken with ``torch.autograd.grad`` with respect to ``v`` only, while every
 parameter's ``requires_grad`` is off (restored afterwards): no parameter ever gets a ``.grad``
@@ -112,6 +118,8 @@ def optimize_vector(
     avoid_weight: float = 1.0,
     kl_weight: float = 1.0,
     norm_weight: float = 0.0,
+    objective: str | None = None,
+    beta: float = 1.0,
     init: SteeringVector | None = None,
     callback: Callable[[dict[str, float]], None] | None = None,
 ) -> OptimizeResult:
@@ -130,11 +138,16 @@ def optimize_vector(
         lr: Adam's learning rate, in units of the site's typical per-dimension residual
             size, measured on the neutral (or target) texts, so it means the same for any model.
         avoid_weight, kl_weight, norm_weight: weights of the loss terms.
+        objective: ``contrast`` or ``likelihood`` (see the module docs); default ``contrast``
+            when ``targets`` is a dataset of pairs and ``avoid`` is not given, else
+            ``likelihood``.
+        beta: the ``contrast`` objective's inverse temperature.
         init: start here instead of at zero.
         callback: called with each step's losses (e.g. for a progress bar).
 
     Returns:
-        ``OptimizeResult(vector, losses)``; ``losses`` has one row per step.
+        ``OptimizeResult(vector, losses)``; ``losses`` has one row per step: ``loss`` (what is
+        minimised), ``target``, ``avoid``, ``contrast``, ``kl`` and ``norm`` (of ``v``).
 
     Example:
         >>> res = optimize_vector(lm, "sentiment", layer=6, steps=30)  # doctest: +SKIP
@@ -142,7 +155,16 @@ def optimize_vector(
         True
     """
     site = parse_site(layer, lm.n_layers)
+    paired = isinstance(targets, (ContrastDataset, str, os.PathLike)) and avoid is None
     tgt, avd, name = _targets(targets, avoid)
+    objective = objective or ("contrast" if paired else "likelihood")
+    if objective not in ("contrast", "likelihood"):
+        raise ActAddError(f"objective must be 'contrast' or 'likelihood', got {objective!r}")
+    if objective == "contrast" and len(tgt) != len(avd):
+        raise ActAddError(
+            "objective='contrast' needs one text to avoid per target (pairs): give a contrast "
+            "dataset, or avoid= of the same length as targets"
+        )
     texts = load_texts(neutral) if isinstance(neutral, str) else list(neutral or [])
     if steps < 1 or batch_size < 1:
         raise ActAddError("steps and batch_size must be >= 1")
@@ -165,9 +187,13 @@ def optimize_vector(
             p.requires_grad_(False)
         for step in range(steps):
             batch = [_chunks(x, batch_size, step) for x in (tgt, avd, texts)]
-            terms = _losses(lm, site, v, *batch)
-            loss = (terms["target"] + avoid_weight * terms["avoid"] + kl_weight * terms["kl"]
-                    + norm_weight * v.pow(2).sum())  # fmt: skip
+            terms = _losses(lm, site, v, *batch, beta=beta, contrast=objective == "contrast")
+            main = (
+                terms["contrast"]
+                if objective == "contrast"
+                else terms["target"] + avoid_weight * terms["avoid"]
+            )
+            loss = main + kl_weight * terms["kl"] + norm_weight * v.pow(2).sum()
             (grad,) = torch.autograd.grad(loss, [v])
             opt.zero_grad(set_to_none=True)
             v.grad = grad
@@ -189,6 +215,8 @@ def optimize_vector(
         "method": "optimized",
         "data": name,
         "optimizer": {
+            "objective": objective,
+            "beta": beta,
             "steps": steps,
             "lr": lr,
             "lr_abs": lr * scale,
@@ -232,6 +260,13 @@ def _targets(
     return tgt, avd, {"name": "texts", "n_targets": len(tgt), "n_avoid": len(avd)}
 
 
+def _steered_token_logprobs(lm: LM, site: Site, v: Tensor, b: _Batch) -> Tensor:
+    """``[B, T-1]`` log-probability of each actual next token under steering."""
+    with steer(lm, [_Trainable(site, v)], addition_location="all"):
+        lp = _token_logprobs(lm, b)
+    return lp.gather(-1, b.ids[:, 1:, None])[..., 0]
+
+
 def _losses(
     lm: LM,
     site: Site,
@@ -239,30 +274,36 @@ def _losses(
     tgt: list[tuple[str, str]],
     avd: list[tuple[str, str]],
     neutral: list[str],
+    *,
+    beta: float = 1.0,
+    contrast: bool = False,
 ) -> dict[str, Tensor]:
     zero = v.new_zeros(())
-    out = {"target": zero, "avoid": zero, "kl": zero}
-    steerable = [_Trainable(site, v)]
-    if tgt:
-        b = _batch(lm, tgt)
-        with steer(lm, steerable, addition_location="all"):
-            lp = _token_logprobs(lm, b)
-        tok = lp.gather(-1, b.ids[:, 1:, None])[..., 0]  # [B, T-1]
-        out["target"] = -(tok * b.scored).sum() / b.scored.sum()
-    if avd:
-        b = _batch(lm, avd)
-        with steer(lm, steerable, addition_location="all"):
-            lp = _token_logprobs(lm, b)
-        tok = lp.gather(-1, b.ids[:, 1:, None])[..., 0]
-        # unlikelihood -log(1 - p): bounded, unlike +log p, so it cannot run away
-        unlikely = -torch.log1p(-tok.exp().clamp(max=1 - 1e-6))
-        out["avoid"] = (unlikely * b.scored).sum() / b.scored.sum()
+    out = {"target": zero, "avoid": zero, "contrast": zero, "kl": zero}
+    seq: dict[str, Tensor] = {}  # summed log-probability of each text, steered minus unsteered
+    for key, items in (("target", tgt), ("avoid", avd)):
+        if not items:
+            continue
+        b = _batch(lm, items)
+        tok = _steered_token_logprobs(lm, site, v, b)  # [B, T-1]
+        n = b.scored.sum()
+        if key == "target":
+            out[key] = -(tok * b.scored).sum() / n
+        else:  # unlikelihood -log(1 - p): bounded, unlike +log p, so it cannot run away
+            out[key] = (-torch.log1p(-tok.exp().clamp(max=1 - 1e-6)) * b.scored).sum() / n
+        if contrast:
+            with torch.no_grad():
+                ref = _token_logprobs(lm, b).gather(-1, b.ids[:, 1:, None])[..., 0]
+            seq[key] = ((tok - ref) * b.scored).sum(-1)  # [B]
+    if contrast and seq:
+        margin = seq["target"] - seq["avoid"]  # [B] pairs
+        out["contrast"] = -torch.nn.functional.logsigmoid(beta * margin).mean()
     if neutral:
         b = _batch(lm, [("", t) for t in neutral])
         with torch.no_grad():
-            ref = _token_logprobs(lm, b)
-        with steer(lm, steerable, addition_location="all"):
+            ref_lp = _token_logprobs(lm, b)
+        with steer(lm, [_Trainable(site, v)], addition_location="all"):
             lp = _token_logprobs(lm, b)
-        kl = (ref.exp() * (ref - lp)).sum(-1)  # [B, T-1]
+        kl = (ref_lp.exp() * (ref_lp - lp)).sum(-1)  # [B, T-1]
         out["kl"] = (kl * b.scored).sum() / b.scored.sum()
     return out
