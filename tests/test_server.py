@@ -533,3 +533,27 @@ def test_sweep(client: TestClient) -> None:
     assert b["samples"][2][1] == one  # sample j uses seed + j
     too_many = {**body, "coeffs": list(range(21)), "layers": [0, 1, 2], "n": 4}
     assert client.post("/v1/actadd/sweep", json=too_many).status_code == 400
+
+
+# -- the command ----------------------------------------------------------------------------------
+def test_serve_command_builds_the_app(
+    monkeypatch: pytest.MonkeyPatch, llama: actadd.LM, tmp_path: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    import actadd.cli
+
+    ran: dict[str, Any] = {}
+    monkeypatch.setattr(actadd.cli, "load", lambda model, dtype=None: llama)
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    args = ["serve", "--port", "8123", "--api-key", "k", "--max-tokens", "7",
+            "--vectors", str(tmp_path / "v")]  # fmt: skip
+    result = CliRunner().invoke(actadd.cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert ran["host"] == "127.0.0.1" and ran["port"] == 8123
+    assert (tmp_path / "v").is_dir()
+    with TestClient(ran["app"]) as c:
+        assert c.get("/v1/models").status_code == 401
+        auth = {"Authorization": "Bearer k"}
+        r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 8}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"

@@ -163,8 +163,10 @@ class _RowTracker(StoppingCriteria):
 
     def __init__(self, lm: LM, states: list[_RowState], eos: set[int]) -> None:
         self.tok, self.states, self.eos = lm.tokenizer, states, eos
+        self.steps = 0  # decoding steps seen: 0 means nothing was streamed yet
 
     def __call__(self, input_ids: Tensor, scores: Any, **kwargs: Any) -> Tensor:
+        self.steps += 1
         new = input_ids[:, -1].tolist()
         for st, token in zip(self.states, new, strict=True):
             if st.done:
@@ -253,6 +255,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.busy = False
         self.eos = _eos_ids(lm)
+        self._tracker: _RowTracker | None = None  # of the batch under way
         self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "multi_job_batches": 0}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -309,13 +312,27 @@ class Engine:
                 return
             self.busy = True
             try:
-                self._run_batch(batch)
-            except Exception as e:  # a bug or an unexpected model error: fail this batch only
-                log.exception("batch of %d rows failed", len(batch))
-                for job in {job for job, _ in batch}:
-                    job._fail(e)
+                self._guarded(batch, split=True)
             finally:
                 self.busy = False
+
+    def _guarded(self, batch: list[tuple[Job, int]], *, split: bool) -> None:
+        """Run a batch; if it fails before its first token, run its jobs one by one, so an
+        unforeseen error fails only the request that caused it."""
+        try:
+            self._run_batch(batch)
+        except Exception as e:
+            jobs = list(dict.fromkeys(job for job, _ in batch))
+            tracker = self._tracker
+            if split and len(jobs) > 1 and (tracker is None or tracker.steps == 0):
+                log.warning("a batch of %d requests failed before its first token (%r); "
+                            "running them one by one", len(jobs), e)  # fmt: skip
+                for job in jobs:
+                    self._guarded([(j, i) for j, i in batch if j is job], split=False)
+                return
+            log.exception("batch of %d rows failed", len(batch))
+            for job in jobs:
+                job._fail(e)
 
     def _take(self) -> list[tuple[Job, int]] | None:
         with self._cond:
@@ -354,6 +371,14 @@ class Engine:
         key = id(row.additions)
         if key not in job.injections:
             inj = [i for a in row.additions for i in a.injections(self.lm)]
+            for i in inj:  # what Steering would reject for the whole batch, rejected per job
+                if i.tensor.ndim != 2 or i.tensor.shape[1] != self.lm.d_model:
+                    raise ActAddError(
+                        f"an addition at {i.site} has shape {tuple(i.tensor.shape)}; this "
+                        f"model needs [positions, {self.lm.d_model}]"
+                    )
+                if not torch.isfinite(i.tensor).all():
+                    raise ActAddError(f"an addition at {i.site} has NaN or inf values")
             need = max((i.tensor.shape[0] for i in inj), default=0)
             if row.location != "all" and need > len(row.ids):
                 raise PromptError(
@@ -365,6 +390,7 @@ class Engine:
 
     @torch.no_grad()
     def _run_batch(self, batch: list[tuple[Job, int]]) -> None:
+        self._tracker = None
         resolved: list[tuple[_RowState, list[Injection]]] = []
         for job, i in batch:
             if job.failed:
@@ -392,7 +418,7 @@ class Engine:
         specs = [s.row for s in states]
         ids, mask = self._pad([s.ids for s in specs])
         location = next((s.location for s in specs if s.additions), "front")
-        tracker = _RowTracker(self.lm, states, self.eos)
+        tracker = self._tracker = _RowTracker(self.lm, states, self.eos)
         config = GenerationConfig(
             max_new_tokens=max(s.max_tokens for s in specs),
             do_sample=False,  # sampling happens per row in RowSeededSampler
