@@ -156,6 +156,7 @@ class _RowState:
     tokens: list[int] = field(default_factory=list)
     sent: int = 0  # characters of the decoded text already emitted
     done: bool = False
+    reason: str = ""
 
 
 class _RowTracker(StoppingCriteria):
@@ -211,7 +212,7 @@ class _RowTracker(StoppingCriteria):
     def _finish(self, st: _RowState, reason: str, flush: str | None = "") -> None:
         if flush is not None and st.tokens and reason != "cancelled":
             self._send(st, self.tok.decode(st.tokens, skip_special_tokens=True))
-        st.done = True
+        st.done, st.reason = True, reason
         st.job.emit(Event("done", st.index, reason=reason, tokens=len(st.tokens)))
 
     def finish_all(self) -> None:
@@ -256,7 +257,8 @@ class Engine:
         self.busy = False
         self.eos = _eos_ids(lm)
         self._tracker: _RowTracker | None = None  # of the batch under way
-        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "multi_job_batches": 0}
+        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "multi_job_batches": 0,
+                      "cancelled_rows": 0}  # fmt: skip
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -434,6 +436,7 @@ class Engine:
                 stopping_criteria=StoppingCriteriaList([tracker]),
             )  # fmt: skip
         tracker.finish_all()
+        self.stats["cancelled_rows"] += sum(st.reason == "cancelled" for st in states)
 
     def _pad(self, rows: Sequence[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
         width = max(len(r) for r in rows)

@@ -43,7 +43,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from actadd.metrics import MissingDependencyError
+
+try:
+    from fastapi import APIRouter, Depends, FastAPI, Request
+except ImportError as e:  # the optional extra
+    raise MissingDependencyError(
+        f"{e}: the server needs FastAPI and uvicorn: pip install 'actadd[server]'"
+    ) from e
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
