@@ -79,6 +79,8 @@ def line_plot(
     baseline_label: str = "unsteered",
     title: str | None = None,
     y_label: str | None = None,
+    log_x: bool = False,
+    log_y: bool = False,
     backend: str = "plotly",
 ) -> Any:
     """``metric`` against ``x``, one line per ``group``, error bars from ``{metric}_sem``.
@@ -92,6 +94,7 @@ def line_plot(
         baseline: a number, or the reduced unsteered frame (its mean ``metric``), drawn
             dashed.
         baseline_label, title, y_label: labels.
+        log_x, log_y: logarithmic axes (coefficients often double; ratios multiply).
         backend: ``plotly`` or ``matplotlib``.
 
     Example:
@@ -150,7 +153,8 @@ def line_plot(
                     annotation_text=baseline_label,
                 )
         fig.update_layout(title=title, template="plotly_white", legend_title=group)
-        fig.update_xaxes(title=x)
+        fig.update_xaxes(title=x, type="log" if log_x else None)
+        fig.update_yaxes(type="log" if log_y else None)
         fig.update_yaxes(title=y_label or metric, col=1)
         return fig
 
@@ -169,9 +173,16 @@ def line_plot(
         if base is not None:
             ax.axhline(base, ls="--", color="gray", label=baseline_label)
         ax.set_xlabel(x)
+        if log_x:
+            ax.set_xscale("log", base=2)
+            ax.xaxis.set_major_formatter(_plain_ticks())
+        if log_y:
+            ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(_plain_ticks())
+            ax.yaxis.set_minor_formatter(_plain_ticks())
         if facet:
             ax.set_title(str(key), fontsize=10)
-        ax.grid(alpha=0.3)
+        ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(y_label or metric)
     axes[-1].legend(fontsize=8, loc="best")
     fig.suptitle(title)
@@ -335,6 +346,7 @@ def perplexity_ratio_plot(
     group: str | None = "layer",
     facet: str | None = "corpus",
     title: str | None = None,
+    log_y: bool = True,
     backend: str = "plotly",
 ) -> Any:
     """Perplexity ratio (steered / unsteered) against ``x``, one line per ``group`` and one
@@ -358,8 +370,15 @@ def perplexity_ratio_plot(
         baseline_label="no change",
         title=title or "perplexity ratio (steered / unsteered); < 1: text more likely",
         y_label="perplexity ratio",
+        log_y=log_y,
         backend=backend,
     )
+
+
+def _plain_ticks() -> Any:
+    from matplotlib.ticker import FuncFormatter
+
+    return FuncFormatter(lambda v, _: f"{v:g}")
 
 
 def _label(v: Any) -> str:
