@@ -54,17 +54,28 @@ class FrequencyPenaltyLogitsProcessor(LogitsProcessor):
         self.start = start  # [B]
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        T = input_ids.shape[1]
+        pos = torch.arange(T, device=input_ids.device)
         real = (pos[None, :] >= self.start.to(input_ids.device)[:, None]).to(scores.dtype)
-        counts = torch.zeros_like(scores).scatter_add_(1, input_ids, real)  # [B, V]
-        return scores - self.penalty * counts
+        if scores.shape[-1] < T * T:  # long texts: count into a dense [B, V] table
+            counts = torch.zeros_like(scores).scatter_add_(1, input_ids, real)  # [B, V]
+            return scores - self.penalty * counts
+        # Short texts (most generation steps): count each token among its row's real tokens
+        # with a [B, T, T] comparison and touch only those entries of the [B, V] scores:
+        # three fewer passes over the vocabulary, the same numbers as the dense table.
+        same = (input_ids[:, :, None] == input_ids[:, None, :]).to(scores.dtype)  # [B, T, T]
+        counts_t = torch.bmm(same, real[:, :, None])[..., 0]  # [B, T]: count of token t
+        penalised = scores.gather(1, input_ids) - self.penalty * counts_t
+        return scores.scatter(1, input_ids, penalised)  # duplicates write equal values
 
 
 class RowSeededSampler(LogitsProcessor):
     """Sample each row from its own generator by the Gumbel-max trick; run with greedy decoding.
 
     ``argmax(log softmax(scores) + Gumbel noise)`` is a sample from ``softmax(scores)``;
-    filtered tokens (``-inf``) stay impossible.
+    filtered tokens (``-inf``) stay impossible. Each step draws ``V`` float64 uniforms ``u``
+    from each row's generator and takes ``e = -log1p(-u)`` as the Exp(1) draws: what
+    ``Tensor.exponential_`` computes on CPU, ~3× faster, and defined here rather than by torch.
     """
 
     def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
@@ -75,16 +86,15 @@ class RowSeededSampler(LogitsProcessor):
             self.generators.append(g)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        V = scores.shape[-1]
-        # [B, V] Exp(1) draws, one stream per row, so rows are independent of the batch
-        e = torch.stack(
-            [
-                torch.empty(V, device=scores.device).exponential_(generator=g)
-                for g in self.generators
-            ]
-        )
-        gumbel = -e.clamp_min(1e-30).log()
-        return torch.log_softmax(scores.float(), -1) + gumbel
+        B, V = scores.shape
+        # [B, V] uniforms, one stream per row, so rows are independent of the batch; the rest
+        # is vectorised over rows and done in place on buffers this call owns
+        u = torch.empty(B, V, dtype=torch.float64, device=scores.device)
+        for row, g in zip(u, self.generators, strict=True):
+            row.uniform_(generator=g)
+        e = u.neg_().log1p_().neg_().float()  # [B, V] Exp(1)
+        gumbel = e.clamp_min_(1e-30).log_().neg_()
+        return torch.log_softmax(scores.float(), -1).add_(gumbel)
 
 
 class _LossRecorder(LogitsProcessor):

@@ -201,6 +201,7 @@ class _Forward:
     idx: Tensor  # [B, T] long: position in the layouts
     valid: Tensor  # [B, T, 1] bool: real token inside a layout
     active: bool
+    full: bool = False  # every token is valid and the layouts have one position ("all")
 
 
 class Steering:
@@ -246,6 +247,11 @@ class Steering:
         self._fwd: _Forward | None = None
         self._seen: Tensor | None = None  # tokens so far (mid/back: detect uncached decoding)
         self._sig = inspect.signature(lm.base_model.forward)
+        self._positional = [
+            name
+            for name, p in self._sig.parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
 
     # layouts: [R, S, D] tensors over logical positions, R = rows (or 1 when shared)
     def _layout(self, offsets: list[list[int]], width: int) -> dict[Site, Tensor]:
@@ -282,8 +288,7 @@ class Steering:
         if _PAUSED.get(self.lm.model, 0):
             self._fwd = None
             return None
-        bound = self._sig.bind_partial(*args, **kwargs).arguments
-        bound.update(bound.pop("kwargs", {}) or {})
+        bound = self._arguments(args, kwargs)
         ids, embeds = bound.get("input_ids"), bound.get("inputs_embeds")
         ref = ids if ids is not None else embeds
         if ref is None:
@@ -312,15 +317,25 @@ class Steering:
             self._track_prompt(ids, past, real, logical)
         elif past == 0:
             self._check_prompt_lengths(real.sum(-1))
-        if self.location == "all":
-            idx = torch.zeros_like(logical)
-            valid = real
-        else:
-            width = next(iter(self.layouts.values())).shape[1]
-            idx = logical.clamp(0, width - 1)
-            valid = real & (logical < width)
+        if self.location == "all":  # one layout position: site hooks broadcast, no gather
+            full = bool(real.all())
+            self._fwd = _Forward((B, T), logical, real[..., None], full or bool(real.any()), full)
+            return None
+        width = next(iter(self.layouts.values())).shape[1]
+        idx = logical.clamp(0, width - 1)
+        valid = real & (logical < width)
         self._fwd = _Forward((B, T), idx, valid[..., None], bool(valid.any()))
         return None
+
+    def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The forward's arguments by name; ``generate`` passes keywords, so no binding."""
+        if not args:
+            return kwargs
+        if len(args) <= len(self._positional):
+            return {**dict(zip(self._positional[: len(args)], args, strict=True)), **kwargs}
+        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        bound.update(bound.pop("kwargs", {}) or {})
+        return bound
 
     def _check_prompt_lengths(self, lengths: Tensor) -> None:
         if self.location == "all":
@@ -384,6 +399,8 @@ class Steering:
             lay = self._cast.get(key)
             if lay is None:
                 lay = self._cast[key] = self.layouts[site].to(device=h.device, dtype=h.dtype)
+            if self.location == "all":  # lay [1 or B, 1, D] broadcasts over tokens
+                return h + lay if fwd.full else h + lay * fwd.valid
             lay = lay.expand(h.shape[0], -1, -1) if lay.shape[0] == 1 else lay
             # [B, T, D] <- layout rows at each token's logical position
             delta = lay.gather(1, fwd.idx[..., None].expand(-1, -1, h.shape[-1]))
