@@ -105,10 +105,11 @@ def test_seeded_rows_match_the_library(engine: Engine, llama: actadd.LM) -> None
     c = run(engine, [[Row(ids(llama, "I hate you because"), tuple(adds), max_tokens=10,
                           temperature=1.0, top_p=0.5, freq_penalty=1.0, seed=s)
                       for s in (3, 4)]])[0]  # fmt: skip
-    df = actadd.gen_using_activation_additions(
-        llama, adds, ["I hate you because"] * 2, tokens_to_generate=10, seeds=[3, 4],
-        temperature=1.0, top_p=0.5, freq_penalty=1.0,
-    )  # fmt: skip
+    with engine.held():  # the model is ours until the block ends (no batch is running)
+        df = actadd.gen_using_activation_additions(
+            llama, adds, ["I hate you because"] * 2, tokens_to_generate=10, seeds=[3, 4],
+            temperature=1.0, top_p=0.5, freq_penalty=1.0,
+        )  # fmt: skip
     assert c.texts == list(df.completions)
 
 
@@ -153,8 +154,11 @@ def test_batch_failing_before_its_first_token_is_rerun_job_by_job(
     c_good, c_bad = run(engine, [good, broken])
     assert c_bad.error is not None
     assert c_good.error is None and c_good.tokens == {0: 5}
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-               for m in llama.model.modules()) == 0  # fmt: skip
+    with engine.held():  # after the batch under way
+        hooks = sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) for m in llama.model.modules()
+        )
+    assert hooks == 0
 
 
 def test_cancel_stops_rows(engine: Engine, llama: actadd.LM) -> None:

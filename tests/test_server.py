@@ -108,16 +108,18 @@ def test_completion_matches_the_library(client: TestClient, llama: actadd.LM) ->
         steering=[LOVE_HATE],
     )
     served = text_of(client, **body)
-    df = actadd.gen_using_activation_additions(
-        llama,
-        list(actadd.get_x_vector("Love", "Hate", 5, 1)),
-        ["I hate you because"],
-        tokens_to_generate=10,
-        seed=7,
-        temperature=1.0,
-        top_p=0.9,
-        freq_penalty=0.5,
-    )
+    # the last events of a batch arrive before its steer() block has exited: held() waits
+    with client.app.state.actadd.engine.held():  # type: ignore[attr-defined]
+        df = actadd.gen_using_activation_additions(
+            llama,
+            list(actadd.get_x_vector("Love", "Hate", 5, 1)),
+            ["I hate you because"],
+            tokens_to_generate=10,
+            seed=7,
+            temperature=1.0,
+            top_p=0.9,
+            freq_penalty=0.5,
+        )
     assert served == df.completions[0]
 
 
@@ -467,14 +469,15 @@ def test_vector_upload_list_use_delete(llama: actadd.LM, tmp_path: Any) -> None:
             steering=[{"vector": "love-hate", "coeff": 4}],
             steering_location="all",
         )
-        df = actadd.gen_using_activation_additions(
-            llama,
-            [v.with_coeff(4)],
-            ["I hate you because"],
-            tokens_to_generate=8,
-            temperature=0,
-            addition_location="all",
-        )
+        with c.app.state.actadd.engine.held():  # type: ignore[attr-defined]
+            df = actadd.gen_using_activation_additions(
+                llama,
+                [v.with_coeff(4)],
+                ["I hate you because"],
+                tokens_to_generate=8,
+                temperature=0,
+                addition_location="all",
+            )
         assert served == df.completions[0]
         assert served != text_of(c, prompt="I hate you because", max_tokens=8, temperature=0)
         # not a vector / made for another model: 400, nothing stored

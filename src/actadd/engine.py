@@ -253,6 +253,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closing = False
         self._holds = 0
+        self._model = threading.Lock()  # held by a running batch, or by held()
         self._thread: threading.Thread | None = None
         self.busy = False
         self.eos = _eos_ids(lm)
@@ -285,11 +286,18 @@ class Engine:
 
     @contextmanager
     def held(self) -> Iterator[None]:
-        """Hold the worker between batches (jobs queue up), e.g. to batch a test's requests."""
+        """Wait for the batch under way, then run none until the block exits.
+
+        Jobs submitted meanwhile queue up (and then share batches), and the model is free for
+        other use in this thread, e.g. ``actadd.steer`` or ``gen_using_activation_additions``
+        while a server runs in the same process: the engine's hooks are on the model only
+        while one of its batches runs.
+        """
         with self._cond:
             self._holds += 1
         try:
-            yield
+            with self._model:
+                yield
         finally:
             with self._cond:
                 self._holds -= 1
@@ -312,11 +320,12 @@ class Engine:
             batch = self._take()
             if batch is None:
                 return
-            self.busy = True
-            try:
-                self._guarded(batch, split=True)
-            finally:
-                self.busy = False
+            with self._model:
+                self.busy = True
+                try:
+                    self._guarded(batch, split=True)
+                finally:
+                    self.busy = False
 
     def _guarded(self, batch: list[tuple[Job, int]], *, split: bool) -> None:
         """Run a batch; if it fails before its first token, run its jobs one by one, so an
