@@ -184,8 +184,9 @@ def line_plot(
             ax.set_title(str(key), fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel(y_label or metric)
-    axes[-1].legend(fontsize=8, loc="best")
-    fig.suptitle(title)
+    # outside the plot, so it never hides a line
+    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.suptitle(_wrap(title, 90))
     return fig
 
 
@@ -245,7 +246,7 @@ def heatmap(
         fig.update_yaxes(title=y, type="category")
         return fig
 
-    fig, (ax,) = _mpl_axes(1, width=1.0 + 0.9 * len(xs), height=1.4 + 0.45 * len(ys))
+    fig, (ax,) = _mpl_axes(1, width=max(5.5, 1.6 + 0.9 * len(xs)), height=1.6 + 0.45 * len(ys))
     cmap = "RdBu_r" if center is not None else "viridis"
     im = ax.imshow(z, origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
     ax.set_xticks(range(len(xs)), xs)
@@ -271,7 +272,7 @@ def heatmap(
                     color="white" if dark else "black",
                 )
     fig.colorbar(im, ax=ax, label=metric)
-    ax.set_title(title, fontsize=11)
+    ax.set_title(_wrap(title, 60), fontsize=10)
     return fig
 
 
@@ -375,6 +376,12 @@ def perplexity_ratio_plot(
     )
 
 
+def _wrap(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
 def _plain_ticks() -> Any:
     from matplotlib.ticker import FuncFormatter
 
@@ -388,7 +395,7 @@ def _label(v: Any) -> str:
 def _mpl_axes(n: int, *, width: float | None = None, height: float = 3.8) -> tuple[Any, list[Any]]:
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(width or 1.5 + 4.2 * n, height), layout="constrained")
+    fig = Figure(figsize=(width or 2.5 + 4.2 * n, height), layout="constrained")
     axes = fig.subplots(1, n, sharey=True, squeeze=False)[0]
     return fig, list(axes)
 
