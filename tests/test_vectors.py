@@ -300,3 +300,20 @@ def test_gguf_written_like_repeng_loads_and_foreign_gguf_raises(llama, tmp_path)
     SteeringVector({"blocks.2.hook_resid_pre": torch.ones(32)}).to_gguf(narrow)
     with pytest.raises(VectorFileError, match="d_model=32"):
         SteeringVector.from_gguf(narrow, llama)
+
+
+def test_vectors_in_a_sweep(llama):
+    from actadd.sweeps import sweep_over_prompts
+
+    v = vec(llama)
+    normal, patched = sweep_over_prompts(
+        llama, ["abcdef"], [[v * 1], [v * 4]], 2, 2, 3, seed=0, temperature=0,
+        addition_location="all", progress=False,
+    )  # fmt: skip
+    assert len(normal) == 2 and len(patched) == 4
+    assert patched.additions.iloc[0].startswith("+1.5 ×")
+    solo = actadd.gen_using_activation_additions(
+        llama, [v * 4], ["abcdef"], tokens_to_generate=3, temperature=0, addition_location="all"
+    )
+    strong = patched[patched.activation_addition_index == 1]
+    assert strong.completions.iloc[0] == solo.completions[0]
