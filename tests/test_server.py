@@ -74,6 +74,8 @@ def test_models_info_and_playground(client: TestClient, llama: actadd.LM) -> Non
     for asset in ("/static/playground.js", "/static/playground.css"):
         assert client.get(asset).status_code == 200
     assert "http" not in page.text.replace("http://www.w3.org", "")  # nothing from a CDN
+    assert client.get("/docs").status_code == 404  # Swagger UI would load from a CDN
+    assert "/v1/completions" in client.get("/openapi.json").json()["paths"]
 
 
 def test_completion_shape_and_steering(client: TestClient) -> None:

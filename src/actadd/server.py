@@ -314,7 +314,10 @@ def create_app(
         await asyncio.to_thread(engine.close)
         log.info("engine stopped after %d batches", engine.stats["batches"])
 
-    app = FastAPI(title="actadd", version=_version(), lifespan=lifespan, redoc_url=None)
+    # no /docs or /redoc: they load their scripts from a CDN; /openapi.json stays
+    app = FastAPI(
+        title="actadd", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.actadd = _State(lm, model_id, engine, store, reader, limits, api_key)
     engine.start()  # also usable without lifespan events (e.g. httpx's ASGITransport)
     _install_errors(app)
