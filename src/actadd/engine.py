@@ -187,7 +187,7 @@ class _RowTracker(StoppingCriteria):
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
         if cut >= 0:
             self._send(st, text[:cut])
-            self._finish(st, "stop", flush=None)
+            self._finish(st, "stop", flush=False)
             return
         full = len(st.tokens) >= st.row.max_tokens
         safe = len(text)
@@ -202,15 +202,15 @@ class _RowTracker(StoppingCriteria):
                         break
         self._send(st, text[:safe])
         if full:
-            self._finish(st, "length", flush=None)
+            self._finish(st, "length", flush=False)
 
     def _send(self, st: _RowState, text: str) -> None:
         if len(text) > st.sent:
             st.job.emit(Event("delta", st.index, text[st.sent :]))
             st.sent = len(text)
 
-    def _finish(self, st: _RowState, reason: str, flush: str | None = "") -> None:
-        if flush is not None and st.tokens and reason != "cancelled":
+    def _finish(self, st: _RowState, reason: str, *, flush: bool = True) -> None:
+        if flush and st.tokens and reason != "cancelled":  # text held back so far
             self._send(st, self.tok.decode(st.tokens, skip_special_tokens=True))
         st.done, st.reason = True, reason
         st.job.emit(Event("done", st.index, reason=reason, tokens=len(st.tokens)))
@@ -225,7 +225,7 @@ class Engine:
     """One worker thread that batches waiting rows into ``generate`` calls.
 
     Args:
-        lm: the model (the engine is its only user while running).
+        lm: the model; other use in the same process goes inside ``held()``.
         max_batch_rows: rows per ``generate`` call at most.
         batch_window: seconds to wait for more rows after the first one arrives.
         max_queue_rows: waiting rows at most; ``submit`` raises ``QueueFull`` beyond.
