@@ -242,3 +242,21 @@ def test_auto_batch_size_fits_the_budget(llama):
     mid = S.auto_batch_size(llama, 10, 40, memory_bytes=4 << 20, max_batch=10**6)
     assert 1 < mid < 10**6
     assert S.auto_batch_size(llama, 10, 400, memory_bytes=4 << 20, max_batch=10**6) < mid
+
+
+@pytest.mark.slow
+def test_real_model_sentiment_sweep(real_lm):
+    """One small batched sweep on the embedded model: 'Love' − 'Hate' at layer 6 makes
+    completions of "I hate you because" kinder than their paired unsteered twins; at layer 2
+    with the same coefficient the rows are still bookkept separately."""
+    configs = S.make_activation_additions([[("Love", 1.0), ("Hate", -1.0)]], [2, 6], [5.0])
+    normal, patched = S.sweep_over_prompts(
+        real_lm, "I hate you because", configs, 6, 6, 24, seed=0,
+        metrics_dict={"sentiment": M.get_sentiment_metric()}, progress=False,
+        temperature=1.0, top_p=0.3, freq_penalty=1.0,
+    )  # fmt: skip
+    rn, rp = S.reduce_sweep_results(normal, patched)
+    assert len(normal) == 6 and len(patched) == 12 and rp.n.tolist() == [6, 6]
+    layer6 = rp[rp.layer == 6].iloc[0]
+    assert layer6.sentiment_diff > 0.2, rp[["layer", "sentiment", "sentiment_diff"]]
+    assert layer6.sentiment > rn.sentiment[0]
