@@ -44,8 +44,11 @@ def test_sentiment_vector_moves_vader_more_than_a_single_pair(real_lm):
     df["vader"] = [vader.polarity_scores(c)["compound"] for c in df.completions]
     df["group"] = [g for g in groups for _ in texts]
     mean = df.groupby("group").vader.mean()
-    assert mean["mean_diff"] > mean["unsteered"] + 0.15, mean
-    assert mean["negated"] < mean["unsteered"] - 0.15, mean
+    print(mean.round(3).to_dict())  # shown with -s
+    # measured here: unsteered 0.435, mean_diff 0.629, negated 0.010, pair 0.388
+    assert mean["mean_diff"] > mean["unsteered"] + 0.1, mean
+    assert mean["negated"] < mean["unsteered"] - 0.2, mean
+    assert mean["mean_diff"] - mean["negated"] > 0.4, mean
     assert mean["mean_diff"] - mean["unsteered"] > mean["pair"] - mean["unsteered"], mean
 
 
