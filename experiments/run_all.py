@@ -110,7 +110,9 @@ def exp1_topic(lm: actadd.LM) -> None:
     normal, patched = sweep(lm, WEDDING_PROMPT, configs, 16, 8, wedding_metric())
     rn, rp = S.reduce_sweep_results(normal, patched)
     rp.drop(columns=["additions"]).to_csv(RES / "exp1_topic.csv", index=False)
-    patched.to_csv(RES / "exp1_topic_rows.csv.gz", index=False)
+    patched.to_csv(  # mtime 0: the same rows give the same bytes
+        RES / "exp1_topic_rows.csv.gz", index=False, compression={"method": "gzip", "mtime": 0}
+    )
     for short, vec in (("seed", "' weddings' − ' '"), ("phrase", configs.vector.iloc[-1])):
         d = rp[rp.vector == vec]
         save(

@@ -177,9 +177,12 @@ def line_plot(
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(_plain_ticks())
         if log_y:
+            from matplotlib.ticker import LogLocator, NullFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
             ax.yaxis.set_major_formatter(_plain_ticks())
-            ax.yaxis.set_minor_formatter(_plain_ticks())
+            ax.yaxis.set_minor_formatter(NullFormatter())
         if facet:
             ax.set_title(str(key), fontsize=10)
         ax.grid(alpha=0.3, which="both")
