@@ -313,7 +313,11 @@ def sweep(
     best = S.best_configurations(reduced, first, k=top, ascending=first == "loss")
     table = Table(title=f"best configurations by {first} (paired Δ vs unsteered, same seeds)")
     for col in ("prompt", "layer", "coeff", first, f"Δ {first}", "loss", "n"):
-        table.add_column(col, justify="left" if col == "prompt" else "right")
+        table.add_column(
+            col,
+            justify="left" if col == "prompt" else "right",
+            min_width=22 if col == "prompt" else None,
+        )
     for r in best.itertuples():
         row = r._asdict()
         table.add_row(
