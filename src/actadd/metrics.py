@@ -156,7 +156,7 @@ def sentiment(data: TextData, *, field: str = "compound", column: str | None = N
 
     Example:
         >>> sentiment(["I love you, you are wonderful.", "I hate you."]).round(2).tolist()
-        [0.86, -0.57]
+        [0.84, -0.57]
     """
     if field not in ("compound", "pos", "neg", "neu"):
         raise ActAddError(f"field must be compound, pos, neg or neu, got {field!r}")
