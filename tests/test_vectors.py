@@ -248,6 +248,10 @@ def test_gguf_round_trip_and_layer_numbering(llama, tmp_path):
     )
     w = SteeringVector.from_gguf(path, llama)
     assert w.sites == ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post"]
+    made = actadd.mean_diff(llama, [("good day", "bad day")], 2)
+    made.to_gguf(tmp_path / "made.gguf")
+    stats = SteeringVector.from_gguf(tmp_path / "made.gguf").meta["stats"]
+    assert stats == {"blocks.1.hook_resid_post": made.meta["stats"]["blocks.2.hook_resid_pre"]}
     assert w.coeff == 1.0 and w.meta["fingerprint"] == llama.fingerprint
     torch.testing.assert_close(logits(llama, w), logits(llama, v), rtol=1e-6, atol=1e-6)
     # exporting the import gives the same file content

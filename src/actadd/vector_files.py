@@ -254,6 +254,14 @@ def load_gguf(path: str | os.PathLike[str], lm: LM | None = None) -> SteeringVec
             log.warning("%s: ignoring unreadable actadd.meta", p)
     meta.pop("coeff", None)
     meta.pop("sites", None)
+    stats = meta.pop("stats", None)
+    if isinstance(stats, dict) and meta.get("n_layers"):  # re-key per-site stats to resid_post
+        try:
+            sites = {k: parse_site(k, int(meta["n_layers"])) for k in stats}
+            meta["stats"] = {f"blocks.{gguf_layer(s)}.hook_resid_post": stats[k]
+                             for k, s in sites.items()}  # fmt: skip
+        except ActAddError:
+            pass
     meta.setdefault("model_type", hint)
     meta.update({"imported_from": f"gguf:{p.name}", "gguf_model_hint": hint, "loaded": _now()})
     try:
