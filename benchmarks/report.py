@@ -1,0 +1,103 @@
+"""Print the README's Performance table (markdown) from benchmark results.
+
+Usage: ``python benchmarks/report.py [--actadd FILE] [--anchors FILE]``; by default the newest
+``benchmarks/results/actadd-*.json`` and, if there is one, ``anchors-*.json``. Standard library
+only, so any Python runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# What the other libraries cannot run, by result key prefix.
+NOT_EXPRESSIBLE = {
+    "sweep-sampled": "–",
+    "sweep-loop": "–",
+    "mixed": "n/a (no per-row vectors)",
+    "memory": "not run",
+}
+
+
+def newest(prefix: str) -> Path | None:
+    files = sorted(RESULTS.glob(f"{prefix}-*.json"))
+    return files[-1] if files else None
+
+
+def context(r: dict[str, Any]) -> str:
+    if "tok_s" in r:
+        return f"{r['tok_s']:.0f} vs {r['tok_s_unsteered']:.0f} tok/s"
+    if "steered_mb" in r:
+        return f"{r['steered_mb']:.0f} vs {r['unsteered_mb']:.0f} MB"
+    if "speedup_of_batched_over_loop" in r:
+        return f"the per-row batch is {r['speedup_of_batched_over_loop']:.1f}× faster"
+    secs = [sorted(v)[len(v) // 2] for v in r["seconds"].values()]
+    return " vs ".join(f"{s:.2f}" for s in secs) + " s"
+
+
+def anchor_cell(key: str, anchors: dict[str, dict[str, Any]]) -> str:
+    if key in anchors:
+        return f"{anchors[key]['ratio']:.3f}"
+    for prefix, text in NOT_EXPRESSIBLE.items():
+        if key.startswith(prefix):
+            return text
+    return "–"
+
+
+def render(run: dict[str, Any], anchors_run: dict[str, Any] | None) -> str:
+    m = run["machine"]
+    libs = ["steering-vectors", "repeng"] if anchors_run else []
+    by_lib: dict[str, dict[str, dict[str, Any]]] = {lib: {} for lib in libs}
+    for r in (anchors_run or {}).get("results", []):
+        by_lib[r["library"]][r["key"]] = r
+    lines = [
+        f"Measured {run['started'][:10]} on {m['cpu']} ({m['cores']} cores), torch {m['torch']} "
+        f"with {m['torch_threads']} threads, transformers {m['transformers']}, load average "
+        f"{m['loadavg_at_start'][0]} at the start; `make bench` took "
+        f"{run['seconds_total'] / 60:.1f} min. Each ratio is the median over {run['reps']} "
+        "interleaved rounds (after a warm-up) of the per-round ratio."
+        + (" **Quick mode: sizes too small to quote.**" if run.get("quick") else ""),
+        "",
+    ]
+    head = ["workload", "case", "ratio", "target", *(
+        f"{lib} {anchors_run['versions'][lib]}" for lib in libs), "context (actadd)"]  # fmt: skip
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in run["results"]:
+        mark = "" if r.get("ok") is None else (" ✓" if r["ok"] else " ✗")
+        target = (r.get("target") or "").replace(">=", "≥").replace("<=", "≤")
+        cells = [r["workload"], r["case"], f"{r['ratio']:.3f}{mark}", target]
+        cells += [anchor_cell(r["key"], by_lib[lib]) for lib in libs]
+        cells.append(context(r))
+        lines.append("| " + " | ".join(cells) + " |")
+    if anchors_run:
+        lines += [
+            "",
+            "Other libraries (same model, prompts and protocol, "
+            f"{anchors_run['started'][:10]}): they add on every position (neither can add at "
+            "the prompt's front during cached generation), and their sweep is 16 batch-1 calls "
+            "(no per-row vectors). repeng builds its vector by PCA (its only method).",
+        ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--actadd", type=Path, help="an actadd-*.json (default: the newest)")
+    p.add_argument("--anchors", type=Path, help="an anchors-*.json (default: the newest)")
+    args = p.parse_args()
+    run_path = args.actadd or newest("actadd")
+    if run_path is None:
+        sys.exit(f"no actadd-*.json in {RESULTS}: run `make bench` first")
+    anchors_path = args.anchors or newest("anchors")
+    run = json.loads(run_path.read_text())
+    anchors_run = json.loads(anchors_path.read_text()) if anchors_path else None
+    print(render(run, anchors_run))
+
+
+if __name__ == "__main__":
+    main()
