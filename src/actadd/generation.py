@@ -84,17 +84,26 @@ class RowSeededSampler(LogitsProcessor):
             g = torch.Generator(device=device)
             g.manual_seed(int(s))
             self.generators.append(g)
+        self._u: Tensor | None = None  # [B, V] float64 and float32 buffers, reused every step
+        self._e: Tensor | None = None
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        B, V = scores.shape
+        u, e = self._buffers(scores)
         # [B, V] uniforms, one stream per row, so rows are independent of the batch; the rest
-        # is vectorised over rows and done in place on buffers this call owns
-        u = torch.empty(B, V, dtype=torch.float64, device=scores.device)
+        # is vectorised over rows, in place on buffers kept from step to step (fresh multi-MB
+        # tensors each step cost as much again in page faults)
         for row, g in zip(u, self.generators, strict=True):
             row.uniform_(generator=g)
-        e = u.neg_().log1p_().neg_().float()  # [B, V] Exp(1)
+        e.copy_(u.neg_().log1p_().neg_())  # [B, V] Exp(1), rounded to float32
         gumbel = e.clamp_min_(1e-30).log_().neg_()
         return torch.log_softmax(scores.float(), -1).add_(gumbel)
+
+    def _buffers(self, scores: Tensor) -> tuple[Tensor, Tensor]:
+        u, e = self._u, self._e
+        if u is None or e is None or u.shape != scores.shape or u.device != scores.device:
+            u = self._u = torch.empty(scores.shape, dtype=torch.float64, device=scores.device)
+            e = self._e = torch.empty(scores.shape, dtype=torch.float32, device=scores.device)
+        return u, e
 
 
 class _LossRecorder(LogitsProcessor):
