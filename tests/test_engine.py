@@ -11,7 +11,7 @@ import torch
 
 import actadd
 from actadd.engine import Engine, EngineClosed, Event, Job, QueueFull, Row
-from actadd.hooks import Injection
+from actadd.hooks import Injection, actadd_hooks
 from actadd.sites import Site
 
 
@@ -155,9 +155,7 @@ def test_batch_failing_before_its_first_token_is_rerun_job_by_job(
     assert c_bad.error is not None
     assert c_good.error is None and c_good.tokens == {0: 5}
     with engine.held():  # after the batch under way
-        hooks = sum(
-            len(m._forward_hooks) + len(m._forward_pre_hooks) for m in llama.model.modules()
-        )
+        hooks = actadd_hooks(llama.model)
     assert hooks == 0
 
 

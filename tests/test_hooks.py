@@ -291,3 +291,14 @@ def test_capture_is_unsteered_inside_steer(llama):
     clean = capture(llama, ids, [site])[site]
     with steer(llama, get_x_vector("Lo", "Ha", 5.0, 0)):
         assert torch.equal(capture(llama, ids, [site])[site], clean)
+
+
+def test_actadd_hooks_counts_only_ours(llama):
+    """transformers adds hooks of its own (output_hidden_states); actadd_hooks ignores them."""
+    from actadd.hooks import actadd_hooks
+
+    resid_pre_independent(llama, "ab", 1)  # makes transformers install its capture hooks
+    assert all_hooks(llama) > 0 and actadd_hooks(llama.model) == 0
+    with steer(llama, get_x_vector("Lo", "Ha", 1.0, 1)):
+        assert actadd_hooks(llama.model) == 2  # the root hook and one site hook
+    assert actadd_hooks(llama.model) == 0

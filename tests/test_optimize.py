@@ -7,6 +7,7 @@ import torch
 
 import actadd
 from actadd.hooks import Injection
+from actadd.hooks import actadd_hooks
 from actadd.optimize import optimize_vector
 from actadd.sites import parse_site
 
@@ -14,7 +15,7 @@ TARGETS = ["hello world", "hello there", "hello again"]
 
 
 def all_hooks(lm: actadd.LM) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+    return actadd_hooks(lm.model)
 
 
 class _Live:

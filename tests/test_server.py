@@ -18,6 +18,7 @@ import uvicorn
 from fastapi.testclient import TestClient
 
 import actadd
+from actadd.hooks import actadd_hooks
 from actadd.server import Limits, create_app
 from conftest import build_tiny
 
@@ -25,7 +26,7 @@ LOVE_HATE = {"add": "Love", "sub": "Hate", "coeff": 5, "layer": 1}
 
 
 def n_hooks(lm: actadd.LM) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+    return actadd_hooks(lm.model)
 
 
 @pytest.fixture

@@ -43,6 +43,7 @@ __all__ = [
     "Injection",
     "Steerable",
     "Steering",
+    "actadd_hooks",
     "addition_offset",
     "capture",
     "hooked",
@@ -142,6 +143,20 @@ def hooked(
     finally:
         for handle in reversed(handles):
             handle.remove()
+
+
+def actadd_hooks(model: nn.Module) -> int:
+    """How many hooks actadd has on ``model`` now (0 outside every ``steer``/``capture``).
+
+    transformers registers hooks of its own (e.g. for ``output_hidden_states``); those are not
+    counted, so this is the check that nothing was left steered.
+    """
+    return sum(
+        getattr(fn, "__module__", None) == __name__
+        for m in model.modules()
+        for hooks in (m._forward_hooks, m._forward_pre_hooks)
+        for fn in hooks.values()
+    )
 
 
 # -- reading ------------------------------------------------------------------------------------
