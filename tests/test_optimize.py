@@ -6,8 +6,7 @@ import pytest
 import torch
 
 import actadd
-from actadd.hooks import Injection
-from actadd.hooks import actadd_hooks
+from actadd.hooks import Injection, actadd_hooks
 from actadd.optimize import optimize_vector
 from actadd.sites import parse_site
 
