@@ -27,7 +27,7 @@ install: $(STAMP)
 demo: install
 	$(BIN)/actadd compare --prompt "I hate you because" --add Love --sub Hate --layer 6 --coeff 5 --n 3 --seed 0
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
 
 test-fast: install
