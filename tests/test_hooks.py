@@ -302,3 +302,15 @@ def test_actadd_hooks_counts_only_ours(llama):
     with steer(llama, get_x_vector("Lo", "Ha", 1.0, 1)):
         assert actadd_hooks(llama.model) == 2  # the root hook and one site hook
     assert actadd_hooks(llama.model) == 0
+
+
+@pytest.mark.parametrize("location", ["mid", "back"])
+def test_mid_back_refuse_a_cache_filled_outside_steer(llama, location):
+    """They place additions relative to the prompt, so they must have seen it."""
+    with torch.no_grad():
+        past = llama.model(llama.to_tokens(PROMPT), use_cache=True).past_key_values
+        with (
+            steer(llama, get_x_vector("Lo", "Ha", 1.0, 1), addition_location=location),
+            pytest.raises(actadd.PromptError, match="needs to see the prompt"),
+        ):
+            llama.model(llama.to_tokens("k"), past_key_values=past, use_cache=True)

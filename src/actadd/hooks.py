@@ -213,8 +213,8 @@ class _Forward:
     """What the root hook learned about the forward pass under way."""
 
     shape: tuple[int, int]  # (B, T)
-    idx: Tensor  # [B, T] long: position in the layouts
-    valid: Tensor  # [B, T, 1] bool: real token inside a layout
+    idx: Tensor | None  # [B, T] long: position in the layouts (None for "all")
+    valid: Tensor | None  # [B, T, 1] bool: real token inside a layout (None: every token)
     active: bool
     full: bool = False  # every token is valid and the layouts have one position ("all")
 
@@ -317,8 +317,25 @@ class Steering:
             )
         mask, pos_ids = bound.get("attention_mask"), bound.get("position_ids")
         past = _past_length(bound.get("past_key_values"), mask, T)
-        if isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] >= past + T:
-            m = mask[:, : past + T].long()
+        ok = isinstance(mask, Tensor) and mask.ndim == 2 and mask.shape[1] >= past + T
+        mask2d: Tensor | None = mask if ok else None  # [B, >= past + T]
+        if self.location == "all":  # every real token, one layout position: no positions needed
+            if mask2d is None:  # no padding information: every token is real
+                self._fwd = _Forward((B, T), None, None, True, True)
+                return None
+            real = mask2d[:, past : past + T].long().bool()  # [B, T]
+            full = bool(real.all())
+            self._fwd = _Forward((B, T), None, real[..., None], full or bool(real.any()), full)
+            return None
+        if past > 0 and self._past_layouts(mask2d, pos_ids, past, T):
+            # a cached step whose tokens all sit beyond the layouts (decoding after the prompt
+            # under front/mid/back): nothing to add, and no positions to compute
+            if self.location in ("mid", "back"):
+                self._continue_prompt(ids)
+            self._fwd = _Forward((B, T), None, None, False)
+            return None
+        if mask2d is not None:
+            m = mask2d[:, : past + T].long()
             logical = (m.cumsum(-1) - 1)[:, -T:]  # [B, T]
             real = m[:, -T:].bool()
         elif isinstance(pos_ids, Tensor) and pos_ids.ndim in (1, 2):
@@ -332,15 +349,29 @@ class Steering:
             self._track_prompt(ids, past, real, logical)
         elif past == 0:
             self._check_prompt_lengths(real.sum(-1))
-        if self.location == "all":  # one layout position: site hooks broadcast, no gather
-            full = bool(real.all())
-            self._fwd = _Forward((B, T), logical, real[..., None], full or bool(real.any()), full)
-            return None
         width = next(iter(self.layouts.values())).shape[1]
         idx = logical.clamp(0, width - 1)
         valid = real & (logical < width)
         self._fwd = _Forward((B, T), idx, valid[..., None], bool(valid.any()))
         return None
+
+    def _past_layouts(self, mask2d: Tensor | None, pos_ids: Any, past: int, T: int) -> bool:
+        """True when every token of this forward has a logical position >= the layout width.
+
+        A real token's logical position is at least the number of real tokens before this
+        forward in its row (the mask's first ``past`` columns), so the smallest such count is
+        a bound that needs one reduction instead of the positions themselves.
+        """
+        if not self.layouts:  # mid/back before seeing a prompt: let the general path say so
+            return False
+        width = next(iter(self.layouts.values())).shape[1]
+        if mask2d is not None:
+            lowest = int(mask2d[:, :past].long().sum(-1).min())
+        elif isinstance(pos_ids, Tensor) and pos_ids.ndim in (1, 2) and pos_ids.numel():
+            lowest = int(pos_ids.min())
+        else:
+            lowest = past
+        return lowest >= width
 
     def _arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The forward's arguments by name; ``generate`` passes keywords, so no binding."""
@@ -364,17 +395,21 @@ class Steering:
                     "pair, or addition_location='all'"
                 )
 
+    def _continue_prompt(self, ids: Tensor | None) -> None:
+        """Cached decoding under ``mid``/``back``: the prompt's layout stands; record the text."""
+        if self._seen is None:
+            raise PromptError(
+                f"addition_location={self.location!r} needs to see the prompt, but this "
+                "forward pass continues a KV cache filled outside steer(); run the prompt "
+                "inside the steer() block"
+            )
+        if ids is not None:
+            self._seen = torch.cat([self._seen, ids], 1)
+
     def _track_prompt(self, ids: Tensor | None, past: int, real: Tensor, logical: Tensor) -> None:
         seen = self._seen
         if past > 0:  # cached decoding: the prompt's layout stands
-            if seen is None:
-                raise PromptError(
-                    f"addition_location={self.location!r} needs to see the prompt, but this "
-                    "forward pass continues a KV cache filled outside steer(); run the prompt "
-                    "inside the steer() block"
-                )
-            if ids is not None:
-                self._seen = torch.cat([seen, ids], 1)
+            self._continue_prompt(ids)
             return
         extends = (
             seen is not None
@@ -415,9 +450,10 @@ class Steering:
             if lay is None:
                 lay = self._cast[key] = self.layouts[site].to(device=h.device, dtype=h.dtype)
             if self.location == "all":  # lay [1 or B, 1, D] broadcasts over tokens
-                return h + lay if fwd.full else h + lay * fwd.valid
+                return h + lay if fwd.full or fwd.valid is None else h + lay * fwd.valid
             lay = lay.expand(h.shape[0], -1, -1) if lay.shape[0] == 1 else lay
             # [B, T, D] <- layout rows at each token's logical position
+            assert fwd.idx is not None and fwd.valid is not None  # set for front/mid/back
             delta = lay.gather(1, fwd.idx[..., None].expand(-1, -1, h.shape[-1]))
             return h + delta * fwd.valid
 
