@@ -222,7 +222,7 @@ def bench_vectors(a: Anchors, reps: int, n_pairs: int) -> list[dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", default=",".join(WORKLOADS), help="comma-separated workloads")
-    p.add_argument("--reps", type=int, default=3, help="timed rounds after one warm-up (>= 3)")
+    p.add_argument("--reps", type=int, help="timed rounds after one warm-up (default as run.py)")
     p.add_argument("--quick", action="store_true", help="small sizes, to check the code runs")
     args = p.parse_args()
     only = [w.strip() for w in args.only.split(",") if w.strip()]
@@ -232,16 +232,17 @@ def main() -> None:
         "versions": {k: version(k) for k in ("steering-vectors", "repeng", "transformers")},
         "note": "steering-vectors 0.12.2 declares transformers<5; installed with --no-deps next "
         "to the transformers actadd pins, so all three run on the same transformers",
-        "started": C.now(), "machine": C.machine(), "quick": q, "reps": args.reps,
+        "started": C.now(), "machine": C.machine(), "quick": q,
+        "reps": {w: args.reps or C.REPS[w] for w in WORKLOADS},
         "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)", "results": [],
     }  # fmt: skip
     t0 = time.perf_counter()
     with console.status("loading the embedded model"):
         a = Anchors()
     steps = {
-        "overhead": lambda: bench_overhead(a, args.reps, 8 if q else C.NEW_TOKENS),
-        "sweep": lambda: bench_sweep(a, args.reps, 6 if q else C.SWEEP_TOKENS),
-        "vectors": lambda: bench_vectors(a, args.reps, 32 if q else C.VECTOR_PAIRS),
+        "overhead": lambda: bench_overhead(a, record["reps"]["overhead"], 8 if q else C.NEW_TOKENS),
+        "sweep": lambda: bench_sweep(a, record["reps"]["sweep"], 6 if q else C.SWEEP_TOKENS),
+        "vectors": lambda: bench_vectors(a, record["reps"]["vectors"], 32 if q else C.VECTOR_PAIRS),
     }
     for name in only:
         with console.status(f"workload: {name}"):

@@ -51,6 +51,8 @@ ALL_COEFF = 2.0
 VECTOR_PAIRS = 256
 VECTOR_LAYERS = (1, 5, 9, 13, 17, 21, 25, 29)  # to the top, so reading runs ~the whole model
 VECTOR_BATCH = 16  # texts per forward pass (actadd.mean_diff's default)
+# Timed rounds per workload: overhead's target (0.98) is the tightest against timing noise.
+REPS = {"overhead": 5, "sweep": 3, "mixed": 3, "vectors": 3}
 
 
 def batch_prompts(n: int) -> list[str]:

@@ -40,6 +40,15 @@ def context(r: dict[str, Any]) -> str:
     return " vs ".join(f"{s:.2f}" for s in secs) + " s"
 
 
+def rounds(reps: Any) -> str:
+    """``5 (overhead) or 3`` from ``{"overhead": 5, "sweep": 3, ...}`` (or an int)."""
+    if isinstance(reps, int):
+        return str(reps)
+    common = max(set(reps.values()), key=list(reps.values()).count)
+    odd = [f"{n} ({w})" for w, n in reps.items() if n != common]
+    return " or ".join([*odd, str(common)])
+
+
 def anchor_cell(key: str, anchors: dict[str, dict[str, Any]]) -> str:
     if key in anchors:
         return f"{anchors[key]['ratio']:.3f}"
@@ -58,9 +67,9 @@ def render(run: dict[str, Any], anchors_run: dict[str, Any] | None) -> str:
     lines = [
         f"Measured {run['started'][:10]} on {m['cpu']} ({m['cores']} cores), torch {m['torch']} "
         f"with {m['torch_threads']} threads, transformers {m['transformers']}, load average "
-        f"{m['loadavg_at_start'][0]} at the start; `make bench` took "
-        f"{run['seconds_total'] / 60:.1f} min. Each ratio is the median over {run['reps']} "
-        "interleaved rounds (after a warm-up) of the per-round ratio."
+        f"{m['loadavg_at_start'][0]} at the start; the run took "
+        f"{run['seconds_total'] / 60:.1f} min. Each ratio is the median over "
+        f"{rounds(run['reps'])} interleaved rounds (after a warm-up) of the per-round ratio."
         + (" **Quick mode: sizes too small to quote.**" if run.get("quick") else ""),
         "",
     ]
