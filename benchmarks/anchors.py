@@ -162,7 +162,7 @@ def bench_sweep(a: Anchors, reps: int, n_new: int) -> list[dict]:
             kind="time / ceiling",
             mode="greedy",
             new_tokens=n_new,
-            key="sweep-greedy",
+            key="sweep-loop-greedy",
         )
         for lib in ("steering-vectors", "repeng")
     ]

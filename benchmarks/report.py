@@ -17,8 +17,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # What the other libraries cannot run, by result key prefix.
 NOT_EXPRESSIBLE = {
-    "sweep-sampled": "–",
-    "sweep-loop": "–",
+    "sweep-greedy": "n/a (no per-row vectors)",
+    "sweep-sampled": "n/a (no per-row vectors)",
     "mixed": "n/a (no per-row vectors)",
     "memory": "not run",
 }
@@ -66,7 +66,7 @@ def render(run: dict[str, Any], anchors_run: dict[str, Any] | None) -> str:
         by_lib[r["library"]][r["key"]] = r
     lines = [
         f"Measured {run['started'][:10]} on {m['cpu']} ({m['cores']} cores), torch {m['torch']} "
-        f"with {m['torch_threads']} threads, transformers {m['transformers']}, load average "
+        f"with {m['torch_threads']} thread(s), transformers {m['transformers']}, load average "
         f"{m['loadavg_at_start'][0]} at the start; the run took "
         f"{run['seconds_total'] / 60:.1f} min. Each ratio is the median over "
         f"{rounds(run['reps'])} interleaved rounds (after a warm-up) of the per-round ratio."
@@ -88,8 +88,9 @@ def render(run: dict[str, Any], anchors_run: dict[str, Any] | None) -> str:
             "",
             "Other libraries (same model, prompts and protocol, "
             f"{anchors_run['started'][:10]}): they add on every position (neither can add at "
-            "the prompt's front during cached generation), and their sweep is 16 batch-1 calls "
-            "(no per-row vectors). repeng builds its vector by PCA (its only method).",
+            "the prompt's front during cached generation), and sweep as 16 batch-1 calls (no "
+            "per-row vectors), shown in the loop row. repeng builds its vector by PCA (its only "
+            "method).",
         ]
     return "\n".join(lines)
 
