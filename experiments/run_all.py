@@ -29,7 +29,7 @@ import actadd
 from actadd import metrics as M
 from actadd import plots as P
 from actadd import sweeps as S
-from actadd.hooks import Injection
+from actadd.steering import Injection
 
 ROOT = Path(__file__).resolve().parents[1]
 IMG, RES, DATA = ROOT / "docs" / "img", ROOT / "docs" / "results", Path(__file__).parent / "data"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import string
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,6 +125,23 @@ def tiny_factory() -> Callable[..., actadd.LM]:
     return get
 
 
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """``tiny_dir(arch)``: a float32 tiny model saved to disk (for the CLI and load_model)."""
+    cache: dict[str, Path] = {}
+
+    def get(arch: str = "llama") -> Path:
+        if arch not in cache:
+            path = tmp_path_factory.mktemp(f"tiny-{arch}")
+            lm = build_tiny(arch, dtype=torch.float32)
+            lm.model.save_pretrained(path)
+            lm.tokenizer.save_pretrained(path)
+            cache[arch] = path
+        return cache[arch]
+
+    return get
+
+
 @pytest.fixture
 def llama(tiny_factory: Callable[..., actadd.LM]) -> actadd.LM:
     return tiny_factory("llama")
@@ -138,3 +156,67 @@ def gpt2(tiny_factory: Callable[..., actadd.LM]) -> actadd.LM:
 def real_lm() -> actadd.LM:
     """The embedded SmolLM2-135M-Instruct, loaded once per session (~20 s)."""
     return actadd.load_model()
+
+
+# -- helpers shared by the mechanics tests ------------------------------------------------------
+PROMPT = "abcdefghij"
+
+
+def resid_pre_independent(lm: actadd.LM, text: str, layer: int) -> torch.Tensor:
+    """Input of decoder layer ``layer`` from output_hidden_states: no hooks involved."""
+    with torch.no_grad():
+        out = lm.base_model(input_ids=lm.to_tokens(text), output_hidden_states=True)
+    return out.hidden_states[layer][0]
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to rounding: float64 models to 1e-9, float32 ones (mixtral) to 1e-5."""
+    tol = 1e-9 if actual.dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol)
+
+
+def all_hooks(lm: actadd.LM) -> int:
+    """Hooks on the model (transformers registers a few of its own; compare with a baseline)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in lm.model.modules())
+
+
+def logits(lm: actadd.LM, text: str = PROMPT) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.model(lm.to_tokens(text)).logits
+
+
+def greedy(lm: actadd.LM, prompts: list[str], tokens: int = 6, **kwargs) -> torch.Tensor:
+    """Greedy ``generate`` of a left-padded batch (ids of prompt and completion)."""
+    ids, mask = lm.batch_tokens(prompts)
+    return lm.model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=lm.pad_token_id,
+        **kwargs,
+    )
+
+
+def check_batch_solo_cache(
+    lm: actadd.LM, adds: list, prompts: list[str], *, tokens: int, location: str | None = None
+) -> None:
+    """Each row of a batch equals the row alone, and cached generation equals uncached."""
+    batch = actadd.gen_using_activation_additions(
+        lm, adds, prompts, tokens_to_generate=tokens, temperature=0, addition_location=location
+    )
+    for i, prompt in enumerate(prompts):
+        solo = actadd.gen_using_activation_additions(
+            lm,
+            adds[i],
+            [prompt],
+            tokens_to_generate=tokens,
+            temperature=0,
+            addition_location=location,
+        )
+        assert batch.completions[i] == solo.completions[0], (lm.name, location, i)
+    outs = []
+    for use_cache in (True, False):
+        with actadd.steer(lm, adds, addition_location=location):
+            outs.append(greedy(lm, prompts, tokens, use_cache=use_cache))
+    assert torch.equal(outs[0], outs[1]), (lm.name, location)

@@ -55,8 +55,13 @@ def test_user_files_jsonl_csv_json_and_caa(tmp_path):
     (tmp_path / "a.csv").write_text(
         "prompt,positive,negative\n" + "".join(f'Q:,"{p}","{n}"\n' for p, n in PAIRS)
     )
-    caa = [{"question": "Pick (A) or (B)?", "answer_matching_behavior": "(A",
-            "answer_not_matching_behavior": "(B"}]  # fmt: skip
+    caa = [
+        {
+            "question": "Pick (A) or (B)?",
+            "answer_matching_behavior": "(A",
+            "answer_not_matching_behavior": "(B",
+        }
+    ]
     (tmp_path / "caa.json").write_text(json.dumps(caa))
     a = load_pairs(tmp_path / "a.jsonl")
     c = load_pairs(str(tmp_path / "a.csv"))

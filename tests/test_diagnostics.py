@@ -9,8 +9,9 @@ import torch
 
 import actadd
 from actadd.diagnostics import OutlierWarning, steering_magnitudes_relative_to_prompt
-from actadd.hooks import Injection, capture
+from actadd.hooks import capture
 from actadd.sites import Site
+from actadd.steering import Injection
 
 
 class Fixed:
@@ -28,8 +29,14 @@ def test_norms_positions_and_columns(llama):
     t[0, 0], t[2, 1] = 3.0, 4.0
     df = steering_magnitudes_relative_to_prompt(llama, "abcdefg", [Fixed(t)], warn=False)
     assert list(df.columns) == [
-        "site", "position", "token", "addition_norm", "prompt_norm", "relative", "outlier",
-    ]  # fmt: skip
+        "site",
+        "position",
+        "token",
+        "addition_norm",
+        "prompt_norm",
+        "relative",
+        "outlier",
+    ]
     assert df.addition_norm.tolist()[:4] == [3.0, 0.0, 4.0, 0.0]
     resid = capture(llama, llama.to_tokens("abcdefg"), [Site("resid_pre", 1)])
     expected = resid[Site("resid_pre", 1)][0].norm(dim=-1)

@@ -7,9 +7,9 @@ batch = solo and cache = no cache. Slow: loading de-quantises ~240 MB (~40-90 s 
 from __future__ import annotations
 
 import pytest
-import torch
 
 import actadd
+from conftest import check_batch_solo_cache
 
 pytestmark = pytest.mark.slow
 
@@ -38,19 +38,5 @@ def test_gemma_steering_batch_solo_cache(gemma):
         gemma, [], prompts[:1], tokens_to_generate=10, temperature=0
     )
     assert batch.completions[0] != plain.completions[0]  # steering acts
-    for i, p in enumerate(prompts):
-        solo = actadd.gen_using_activation_additions(
-            gemma, adds[i], [p], tokens_to_generate=10, temperature=0
-        )
-        assert batch.completions[i] == solo.completions[0]
-    ids, mask = gemma.batch_tokens(prompts)
-    outs = []
-    for use_cache in (True, False):
-        with actadd.steer(gemma, adds, addition_location="all"):
-            outs.append(
-                gemma.model.generate(
-                    input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                    use_cache=use_cache,
-                )
-            )  # fmt: skip
-    assert torch.equal(outs[0], outs[1])
+    check_batch_solo_cache(gemma, adds, prompts, tokens=10)
+    check_batch_solo_cache(gemma, adds, prompts, tokens=8, location="all")

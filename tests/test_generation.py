@@ -8,7 +8,7 @@ import torch
 
 import actadd
 from actadd import ActivationAddition, get_x_vector
-from actadd.generation import FrequencyPenaltyLogitsProcessor, RowSeededSampler
+from actadd.sampling import FrequencyPenaltyLogitsProcessor, RowSeededSampler
 
 SAMPLING = dict(temperature=1.0, top_p=0.9, freq_penalty=0.5)
 

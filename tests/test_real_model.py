@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 import actadd
 from actadd.diagnostics import OutlierWarning
+from conftest import check_batch_solo_cache
 
 pytestmark = pytest.mark.slow
 
@@ -48,28 +48,7 @@ def test_real_model_batch_equals_solo_and_cache(real_lm):
         [actadd.ActivationAddition(4.0, 10, prompt=" weddings")],
         [],
     ]
-    batch = actadd.gen_using_activation_additions(
-        real_lm, adds, prompts, tokens_to_generate=12, temperature=0
-    )
-    for i, p in enumerate(prompts):
-        solo = actadd.gen_using_activation_additions(
-            real_lm, adds[i], [p], tokens_to_generate=12, temperature=0
-        )
-        assert batch.completions[i] == solo.completions[0]
-    ids, mask = real_lm.batch_tokens(prompts)
-    outs = []
-    for use_cache in (True, False):
-        with actadd.steer(real_lm, adds):
-            outs.append(
-                real_lm.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    max_new_tokens=8,
-                    do_sample=False,
-                    use_cache=use_cache,
-                )
-            )
-    assert torch.equal(outs[0], outs[1])
+    check_batch_solo_cache(real_lm, adds, prompts, tokens=12)
 
 
 def test_sink_and_pad_outliers_are_reported(real_lm):

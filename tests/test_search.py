@@ -27,23 +27,47 @@ def direct_effectiveness(lm, pos, neg, targets, layer, coeff):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_effectiveness_equals_direct_computation_and_ranks(tiny_factory, arch):
     lm = tiny_factory(arch)
-    df = search_pairs(lm, ["q"], PROMPTS, candidates=["ab", "q", "zz"], negatives=[" ", "k"],
-                      layer=1, coeff=3.0, batch_size=5)  # fmt: skip
+    df = search_pairs(
+        lm,
+        ["q"],
+        PROMPTS,
+        candidates=["ab", "q", "zz"],
+        negatives=[" ", "k"],
+        layer=1,
+        coeff=3.0,
+        batch_size=5,
+    )
     assert len(df) == 6 and list(df.columns[:5]) == [
-        "positive", "negative", "effectiveness", "kl", "score"]  # fmt: skip
+        "positive",
+        "negative",
+        "effectiveness",
+        "kl",
+        "score",
+    ]
     assert df.score.is_monotonic_decreasing
     for row in df.itertuples():
         expected = direct_effectiveness(lm, row.positive, row.negative, ["q"], 1, 3.0)
         assert row.effectiveness == pytest.approx(expected, abs=1e-5)
         assert row.kl >= 0
-    top = search_pairs(lm, ["q"], PROMPTS, candidates=["ab", "q", "zz"], layer=1, top_k=2,
-                       kl_weight=1.0)  # fmt: skip
+    top = search_pairs(
+        lm, ["q"], PROMPTS, candidates=["ab", "q", "zz"], layer=1, top_k=2, kl_weight=1.0
+    )
     assert len(top) == 2 and (top.score == top.effectiveness - top.kl).all()
 
 
 def test_rescoring_with_generations(llama):
-    df = search_pairs(llama, ["q"], PROMPTS, candidates=["ab", "q", "zz"], layer=1, coeff=3.0,
-                      rescore=2, samples=2, tokens=4, temperature=0)  # fmt: skip
+    df = search_pairs(
+        llama,
+        ["q"],
+        PROMPTS,
+        candidates=["ab", "q", "zz"],
+        layer=1,
+        coeff=3.0,
+        rescore=2,
+        samples=2,
+        tokens=4,
+        temperature=0,
+    )
     assert {"gen_score", "gen_baseline"} <= set(df.columns)
     assert df.gen_score.iloc[:2].notna().all() and df.gen_score.iloc[2:].isna().all()
     assert 0 <= df.gen_score.iloc[0] <= 1

@@ -251,10 +251,19 @@ def test_real_model_sentiment_sweep(real_lm):
     with the same coefficient the rows are still bookkept separately."""
     configs = S.make_activation_additions([[("Love", 1.0), ("Hate", -1.0)]], [2, 6], [5.0])
     normal, patched = S.sweep_over_prompts(
-        real_lm, "I hate you because", configs, 6, 6, 24, seed=0,
-        metrics_dict={"sentiment": M.get_sentiment_metric()}, progress=False,
-        temperature=1.0, top_p=0.3, freq_penalty=1.0,
-    )  # fmt: skip
+        real_lm,
+        "I hate you because",
+        configs,
+        6,
+        6,
+        24,
+        seed=0,
+        metrics_dict={"sentiment": M.get_sentiment_metric()},
+        progress=False,
+        temperature=1.0,
+        top_p=0.3,
+        freq_penalty=1.0,
+    )
     rn, rp = S.reduce_sweep_results(normal, patched)
     assert len(normal) == 6 and len(patched) == 12 and rp.n.tolist() == [6, 6]
     layer6 = rp[rp.layer == 6].iloc[0]

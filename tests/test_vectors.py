@@ -11,8 +11,8 @@ import torch
 import actadd
 from actadd import SteeringVector, VectorFileError, steer
 from actadd.hooks import capture
+from actadd.provenance import provenance
 from actadd.sites import parse_site
-from actadd.vectors import model_meta
 
 PROMPT = "abcdefghij"
 
@@ -20,7 +20,7 @@ PROMPT = "abcdefghij"
 def vec(lm, sites=("blocks.2.hook_resid_pre",), coeff=1.5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return SteeringVector(
-        {s: torch.randn(lm.d_model, generator=g) for s in sites}, coeff, model_meta(lm)
+        {s: torch.randn(lm.d_model, generator=g) for s in sites}, coeff, provenance(lm)
     )
 
 
@@ -264,9 +264,11 @@ def test_gguf_round_trip_and_layer_numbering(llama, tmp_path):
 
 
 def test_gguf_sites_without_a_slot_raise(llama, tmp_path):
-    for site, match in [("blocks.1.hook_resid_pre", "direction.0"),
-                        ("blocks.0.hook_resid_post", "direction.0"),
-                        ("blocks.1.hook_attn_out", "no GGUF")]:  # fmt: skip
+    for site, match in [
+        ("blocks.1.hook_resid_pre", "direction.0"),
+        ("blocks.0.hook_resid_post", "direction.0"),
+        ("blocks.1.hook_attn_out", "no GGUF"),
+    ]:
         with pytest.raises(VectorFileError, match=match):
             vec(llama, (site,)).to_gguf(tmp_path / "x.gguf")
 
@@ -311,9 +313,17 @@ def test_vectors_in_a_sweep(llama):
 
     v = vec(llama)
     normal, patched = sweep_over_prompts(
-        llama, ["abcdef"], [[v * 1], [v * 4]], 2, 2, 3, seed=0, temperature=0,
-        addition_location="all", progress=False,
-    )  # fmt: skip
+        llama,
+        ["abcdef"],
+        [[v * 1], [v * 4]],
+        2,
+        2,
+        3,
+        seed=0,
+        temperature=0,
+        addition_location="all",
+        progress=False,
+    )
     assert len(normal) == 2 and len(patched) == 4
     assert patched.additions.iloc[0].startswith("+1.5 ×")
     solo = actadd.gen_using_activation_additions(

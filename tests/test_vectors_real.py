@@ -28,8 +28,12 @@ def test_sentiment_vector_moves_vader_more_than_a_single_pair(real_lm):
     at the same norm and location does less (see docs/experiments.md for the full table)."""
     md = unit(actadd.mean_diff(real_lm, "sentiment", 6))
     pair = unit(SteeringVector.from_additions(real_lm, actadd.get_x_vector("Love", "Hate", 1, 6)))
-    groups = {"unsteered": [], "mean_diff": [md * NORM], "negated": [md * -NORM],
-              "pair": [pair * NORM]}  # fmt: skip
+    groups = {
+        "unsteered": [],
+        "mean_diff": [md * NORM],
+        "negated": [md * -NORM],
+        "pair": [pair * NORM],
+    }
     texts = [p for p in PROMPTS for _ in range(SEEDS)]
     rows, prompts, seeds = [], [], []
     for adds in groups.values():  # one batched generate: each row steered by its own vector
@@ -37,9 +41,15 @@ def test_sentiment_vector_moves_vader_more_than_a_single_pair(real_lm):
         prompts += texts
         seeds += list(range(len(texts)))
     df = actadd.gen_using_activation_additions(
-        real_lm, rows, prompts, tokens_to_generate=24, seeds=seeds, top_p=0.3, freq_penalty=1.0,
+        real_lm,
+        rows,
+        prompts,
+        tokens_to_generate=24,
+        seeds=seeds,
+        top_p=0.3,
+        freq_penalty=1.0,
         addition_location="all",
-    )  # fmt: skip
+    )
     vader = SentimentIntensityAnalyzer()
     df["vader"] = [vader.polarity_scores(c)["compound"] for c in df.completions]
     df["group"] = [g for g in groups for _ in texts]
@@ -72,7 +82,13 @@ def test_vector_file_round_trips_on_the_real_model(real_lm, tmp_path):
 def test_pair_search_finds_wedding_words(real_lm):
     cands = actadd.search.vocabulary_candidates(real_lm, ["wedding"], 8)
     assert any("wedd" in c or "bride" in c or "marri" in c for c in cands), cands
-    df = actadd.search_pairs(real_lm, ["wedding", "weddings", "bride", "marriage"],
-                             ["I went up to my friend and said"], candidates=cands, layer=6,
-                             coeff=4.0, top_k=3)  # fmt: skip
+    df = actadd.search_pairs(
+        real_lm,
+        ["wedding", "weddings", "bride", "marriage"],
+        ["I went up to my friend and said"],
+        candidates=cands,
+        layer=6,
+        coeff=4.0,
+        top_k=3,
+    )
     assert df.effectiveness.iloc[0] > 1.0, df  # the best pair multiplies P(wedding words) by e

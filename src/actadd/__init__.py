@@ -1,5 +1,8 @@
 """actadd: steer Hugging Face causal LMs by adding activation vectors (ActAdd).
 
+The public API is ``__all__``; each name is imported from its module on first use, so
+``import actadd`` (and ``actadd --help``) is quick and torch loads only when needed.
+
 Example:
     >>> import actadd
     >>> lm = actadd.load_model()  # doctest: +SKIP
@@ -8,73 +11,100 @@ Example:
     ...                            num_comparisons=3, seed=0)  # doctest: +SKIP
 """
 
-from actadd import metrics as metrics  # research toolkit modules: actadd.metrics.word_count, ...
-from actadd import plots as plots
-from actadd import sweeps as sweeps
-from actadd.additions import ActivationAddition, get_activations, get_x_vector
-from actadd.contrast import make_vector, mean_diff, pca
-from actadd.datasets import ContrastDataset, ContrastPair, list_datasets, load_pairs
-from actadd.diagnostics import steering_magnitudes_relative_to_prompt
-from actadd.errors import (
-    ActAddError,
-    ModelLoadError,
-    PromptError,
-    SiteError,
-    VectorFileError,
-)
-from actadd.generation import compare, gen_using_activation_additions, print_n_comparisons
-from actadd.hooks import Injection, capture, hooked, steer
-from actadd.metrics import MissingDependencyError
-from actadd.model import LM, load_model
-from actadd.optimize import OptimizeResult, optimize_vector
-from actadd.search import search_pairs
-from actadd.sites import Site, SiteMap, get_act_name
-from actadd.sweeps import (
-    SlicedAddition,
-    make_activation_additions,
-    reduce_sweep_results,
-    sweep_over_prompts,
-)
-from actadd.vectors import SteeringVector
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LM",
-    "ActAddError",
-    "ActivationAddition",
-    "ContrastDataset",
-    "ContrastPair",
-    "Injection",
-    "MissingDependencyError",
-    "ModelLoadError",
-    "OptimizeResult",
-    "PromptError",
-    "Site",
-    "SiteError",
-    "SiteMap",
-    "SlicedAddition",
-    "SteeringVector",
-    "VectorFileError",
-    "capture",
-    "compare",
-    "gen_using_activation_additions",
-    "get_act_name",
-    "get_activations",
-    "get_x_vector",
-    "hooked",
-    "list_datasets",
-    "load_model",
-    "load_pairs",
-    "make_activation_additions",
-    "make_vector",
-    "mean_diff",
-    "optimize_vector",
-    "pca",
-    "print_n_comparisons",
-    "reduce_sweep_results",
-    "search_pairs",
-    "steer",
-    "steering_magnitudes_relative_to_prompt",
-    "sweep_over_prompts",
-]
+# public name -> the module that owns it
+_EXPORTS = {
+    "ActAddError": "errors",
+    "ActivationAddition": "additions",
+    "ContrastDataset": "datasets",
+    "ContrastPair": "datasets",
+    "Injection": "steering",
+    "LM": "model",
+    "MissingDependencyError": "errors",
+    "ModelLoadError": "errors",
+    "OptimizeResult": "optimize",
+    "OutlierWarning": "errors",
+    "PromptError": "errors",
+    "Site": "sites",
+    "SiteError": "errors",
+    "SiteMap": "sites",
+    "SlicedAddition": "sweeps",
+    "SteeringVector": "vectors",
+    "VectorFileError": "errors",
+    "capture": "hooks",
+    "compare": "generation",
+    "gen_using_activation_additions": "generation",
+    "get_act_name": "sites",
+    "get_activations": "additions",
+    "get_x_vector": "additions",
+    "hooked": "hooks",
+    "list_datasets": "datasets",
+    "load_model": "model",
+    "load_pairs": "datasets",
+    "make_activation_additions": "sweeps",
+    "make_vector": "contrast",
+    "mean_diff": "contrast",
+    "optimize_vector": "optimize",
+    "pca": "contrast",
+    "print_n_comparisons": "generation",
+    "reduce_sweep_results": "sweeps",
+    "search_pairs": "search",
+    "steer": "steering",
+    "steering_magnitudes_relative_to_prompt": "diagnostics",
+    "sweep_over_prompts": "sweeps",
+}
+# research toolkit modules, as attributes: actadd.metrics.word_count, actadd.plots, ...
+_MODULES = ("metrics", "plots", "sweeps")
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"actadd.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _MODULES:
+        return importlib.import_module(f"actadd.{name}")
+    raise AttributeError(f"module 'actadd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, *_MODULES, "__version__"])
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
+    from actadd import metrics, plots, sweeps
+    from actadd.additions import ActivationAddition, get_activations, get_x_vector
+    from actadd.contrast import make_vector, mean_diff, pca
+    from actadd.datasets import ContrastDataset, ContrastPair, list_datasets, load_pairs
+    from actadd.diagnostics import steering_magnitudes_relative_to_prompt
+    from actadd.errors import (
+        ActAddError,
+        MissingDependencyError,
+        ModelLoadError,
+        OutlierWarning,
+        PromptError,
+        SiteError,
+        VectorFileError,
+    )
+    from actadd.generation import compare, gen_using_activation_additions, print_n_comparisons
+    from actadd.hooks import capture, hooked
+    from actadd.model import LM, load_model
+    from actadd.optimize import OptimizeResult, optimize_vector
+    from actadd.search import search_pairs
+    from actadd.sites import Site, SiteMap, get_act_name
+    from actadd.steering import Injection, steer
+    from actadd.sweeps import (
+        SlicedAddition,
+        make_activation_additions,
+        reduce_sweep_results,
+        sweep_over_prompts,
+    )
+    from actadd.vectors import SteeringVector

@@ -6,21 +6,27 @@ the prompt, records the residual stream at the site (one vector per token) and s
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from weakref import WeakKeyDictionary
 
 import torch
 from torch import Tensor
 
-from actadd.errors import ActAddError, PromptError
-from actadd.hooks import Injection, capture, check_finite
-from actadd.model import LM
+from actadd.errors import ActAddError, PromptError, check_finite
+from actadd.hooks import capture
+from actadd.model import LM, as_lm
 from actadd.sites import Site, canonical_act_name, parse_site
+from actadd.steering import Injection
 
-__all__ = ["ActivationAddition", "get_activations", "get_x_vector"]
-
-_CACHE_SIZE = 512
+__all__ = [
+    "ActivationAddition",
+    "ActivationCache",
+    "activation_cache",
+    "get_activations",
+    "get_x_vector",
+]
 
 
 @dataclass(frozen=True)
@@ -105,17 +111,65 @@ class ActivationAddition:
         return f"{self.coeff:+g} × {what} @ {self.act_name}"
 
 
+class ActivationCache:
+    """Recorded activations of addition prompts, least recently used first out, bounded in bytes.
+
+    Steering with the same prompt again (every row of a sweep, every request to a server)
+    reuses its recording instead of running the prompt again.
+    """
+
+    def __init__(self, max_bytes: int = 256 << 20) -> None:
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[tuple[int, ...], Site], Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: tuple[tuple[int, ...], Site]) -> Tensor | None:
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+        return hit
+
+    def put(self, key: tuple[tuple[int, ...], Site], value: Tensor) -> None:
+        size = value.numel() * value.element_size()
+        if size > self.max_bytes:
+            return
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self.bytes -= old.numel() * old.element_size()
+        while self._entries and self.bytes + size > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.bytes -= evicted.numel() * evicted.element_size()
+        self._entries[key] = value
+        self.bytes += size
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+
+_CACHES: WeakKeyDictionary[LM, ActivationCache] = WeakKeyDictionary()
+
+
+def activation_cache(lm: LM) -> ActivationCache:
+    """The activation cache of ``lm`` (e.g. ``activation_cache(lm).max_bytes = 64 << 20``)."""
+    cache = _CACHES.get(lm)
+    if cache is None:
+        cache = _CACHES[lm] = ActivationCache()
+    return cache
+
+
 def get_activations(lm: LM, token_ids: Sequence[int], site: Site) -> Tensor:
     """Residual stream ``[L, D]`` of ``token_ids`` at ``site``, unsteered, cached per model."""
     key = (tuple(token_ids), site)
-    cache = lm._activation_cache
+    cache = activation_cache(lm)
     hit = cache.get(key)
     if hit is None:
         ids = torch.tensor([list(token_ids)], dtype=torch.long, device=lm.device)
         hit = capture(lm, ids, [site])[site][0]
-        if len(cache) >= _CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-        cache[key] = hit
+        cache.put(key, hit)
     return hit
 
 
@@ -132,8 +186,8 @@ def get_x_vector(
 
     With ``pad_method="tokens_right"`` (needs ``model``) the shorter prompt is padded on the
     right with ``custom_pad_id`` (default: the tokenizer's pad token) so both have one length;
-    without it, unequal lengths leave the extra positions with only one term, as in the
-    original library.
+    one side may then be empty (``" weddings"`` − ``""``: the pads stand for it). Without it,
+    unequal lengths leave the extra positions with only one term, as in the original library.
 
     Example:
         >>> love, hate = get_x_vector("Love", "Hate", coeff=5, act_name=6)
@@ -150,7 +204,11 @@ def get_x_vector(
         )
     if model is None:
         raise ActAddError("pad_method='tokens_right' needs model= to tokenize the prompts")
-    ids1, ids2 = model.token_ids(prompt1), model.token_ids(prompt2)
+    model = as_lm(model, "model")
+    ids1 = model.token_ids(prompt1, allow_empty=True)
+    ids2 = model.token_ids(prompt2, allow_empty=True)
+    if not ids1 and not ids2:
+        raise PromptError("both prompts are empty: give at least one token of text")
     pad = model.pad_token_id if custom_pad_id is None else int(custom_pad_id)
     model.check_token_ids([pad])
     n = max(len(ids1), len(ids2))
@@ -159,10 +217,3 @@ def get_x_vector(
         ActivationAddition(coeff, act_name, tokens=tuple(ids1), label=repr(prompt1)),
         ActivationAddition(-coeff, act_name, tokens=tuple(ids2), label=repr(prompt2)),
     )
-
-
-def as_addition_list(additions: Any) -> list[Any]:
-    """Accept one addition, a tuple from ``get_x_vector`` or a list; return a flat list."""
-    if isinstance(additions, (list, tuple)):
-        return list(additions)
-    return [additions]

@@ -35,8 +35,9 @@ from actadd.datasets import ContrastDataset, as_dataset
 from actadd.errors import ActAddError
 from actadd.hooks import capture
 from actadd.model import LM
+from actadd.provenance import provenance
 from actadd.sites import KINDS, Site, get_act_name, parse_site
-from actadd.vectors import SteeringVector, _now, model_meta
+from actadd.vectors import SteeringVector
 
 __all__ = ["METHODS", "READS", "make_vector", "mean_diff", "parse_layers", "pca", "read_pairs"]
 
@@ -92,17 +93,6 @@ def _sites(lm: LM, layers: Any, site: str) -> list[Site]:
     return out
 
 
-def _encode(lm: LM, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of ``prompt + answer`` and where the answer starts (prompt tokenized alone)."""
-    if not prompt:
-        return lm.token_ids(answer), 0
-    head = lm.token_ids(prompt)
-    tail = list(lm.tokenizer(answer, add_special_tokens=False).input_ids)
-    if not tail:
-        raise ActAddError(f"answer {answer!r} has no tokens")
-    return head + tail, len(head)
-
-
 def _weights(n: int, start: int, read: str) -> Tensor:
     """``[n]`` weights over a text's tokens that average what ``read`` asks for."""
     w = torch.zeros(n)
@@ -137,16 +127,13 @@ def read_pairs(
     items = []  # (ids, weights) for pos_1, neg_1, pos_2, neg_2, ...
     for p in ds:
         for text in (p.positive, p.negative):
-            ids, start = _encode(lm, p.prompt, text)
+            ids, start = lm.encode_with_answer(p.prompt, text)
             items.append((ids, _weights(len(ids), start, read)))
     out: dict[Site, list[Tensor]] = {s: [] for s in sites}
-    pad = lm.pad_token_id
     for lo in range(0, len(items), batch_size):
         chunk = items[lo : lo + batch_size]
-        width = max(len(i) for i, _ in chunk)
-        batch = torch.tensor([i + [pad] * (width - len(i)) for i, _ in chunk], device=lm.device)
-        mask = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i, _ in chunk],
-                            device=lm.device)  # fmt: skip
+        batch, mask = lm.pad([i for i, _ in chunk], side="right")
+        width = batch.shape[1]
         w = torch.stack([torch.nn.functional.pad(wt, (0, width - len(wt))) for _, wt in chunk])
         acts = capture(lm, batch, list(sites), attention_mask=mask)
         for s in sites:
@@ -221,14 +208,13 @@ def make_vector(
     dirs, stats = {}, {}
     for s in sites:
         dirs[s.name], stats[s.name] = _direction(pos[s] - neg[s], method, center)
-    meta = {
-        **model_meta(lm),
-        "method": method + ("_centered" if method == "pca" and center else ""),
-        "read": read,
-        "data": ds.describe(),
-        "stats": stats,
-        "created": _now(),
-    }
+    meta = provenance(
+        lm,
+        method=method + ("_centered" if method == "pca" and center else ""),
+        read=read,
+        data=ds.describe(),
+        stats=stats,
+    )
     log.info("made %s vector at %s from %d pairs", method, ", ".join(dirs), len(ds))
     return SteeringVector(dirs, 1.0, meta)
 

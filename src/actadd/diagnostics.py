@@ -13,9 +13,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from actadd.errors import ActAddError
-from actadd.hooks import LOCATIONS, Injection, _as_rows, addition_offset, capture
+from actadd.errors import ActAddError, OutlierWarning
+from actadd.hooks import capture
 from actadd.model import LM
+from actadd.positions import injected_span
+from actadd.steering import as_rows, resolve, row_locations
 
 __all__ = ["OutlierWarning", "steering_magnitudes_relative_to_prompt"]
 
@@ -25,17 +27,13 @@ __all__ = ["OutlierWarning", "steering_magnitudes_relative_to_prompt"]
 OUTLIER_FACTOR = 2.0
 
 
-class OutlierWarning(UserWarning):
-    """An addition position whose norm dwarfs the others (often the attention sink)."""
-
-
 @torch.no_grad()
 def steering_magnitudes_relative_to_prompt(
     lm: LM,
     prompt: str,
     activation_additions: Any,
     *,
-    addition_location: str = "front",
+    addition_location: str | None = None,
     warn: bool = True,
 ) -> pd.DataFrame:
     """Per site and prompt position: the norm of the summed additions and of the prompt's own
@@ -50,35 +48,26 @@ def steering_magnitudes_relative_to_prompt(
         >>> df = steering_magnitudes_relative_to_prompt(
         ...     lm, "I hate you because", get_x_vector("Love", "Hate", 5, 6))  # doctest: +SKIP
     """
-    if addition_location not in LOCATIONS:
-        raise ActAddError(f"addition_location must be one of {LOCATIONS}")
-    rows, per_row = _as_rows(lm, activation_additions)
+    rows, per_row = as_rows(activation_additions)
     if per_row:
         raise ActAddError("give one list of additions, not one per row")
-    injections: list[Injection] = rows[0]
+    (location,) = row_locations(addition_location, 1, False)
+    injections = resolve(lm, rows)[0]
     ids = lm.to_tokens(prompt)
     P = ids.shape[1]
-    sites = sorted({i.site for i in injections}, key=lambda s: (s.layer, s.kind))
+    sites = sorted({i.site for i in injections}, key=lambda s: s.order)
     resid = capture(lm, ids, sites)
     tokens = lm.to_str_tokens(ids[0].tolist())
     records = []
     for site in sites:
-        here = [i for i in injections if i.site == site]
         total = torch.zeros(P, lm.d_model, dtype=torch.float32, device=lm.device)
         budget = torch.zeros(P, dtype=torch.float32, device=lm.device)  # Σ|coeff| per position
-        for inj in here:
+        for inj in (i for i in injections if i.site == site):
             t = inj.tensor.float()
-            if addition_location == "all":
-                total += t.mean(0)
-                budget += abs(inj.coeff)
-                continue
-            off = addition_offset(addition_location, P, t.shape[0])
-            if off < 0 or off + t.shape[0] > P:
-                raise ActAddError(
-                    f"the prompt has {P} tokens, shorter than an addition of {t.shape[0]}"
-                )
-            total[off : off + t.shape[0]] += t
-            budget[off : off + t.shape[0]] += abs(inj.coeff)
+            where = location or inj.default_location
+            span = injected_span(where, P, t.shape[0])
+            total[span] += t.mean(0) if where == "all" else t
+            budget[span] += abs(inj.coeff)
         add_norm = total.norm(dim=-1)
         prompt_norm = resid[site][0].float().norm(dim=-1)
         typical = float(prompt_norm.median())

@@ -1,12 +1,30 @@
 """The one exception family: every error actadd raises about user input is an ``ActAddError``.
 
 ``ActAddError`` subclasses ``ValueError`` so code that already catches ``ValueError`` keeps
-working. Each message says what went wrong *and* how to fix it.
+working. Each message says what went wrong *and* how to fix it. This module also owns the two
+checks every other module needs: finite numbers (``check_finite``) and optional dependencies
+(``require``, which names the ``actadd[...]`` extra to install).
 """
 
 from __future__ import annotations
 
-__all__ = ["ActAddError", "ModelLoadError", "PromptError", "SiteError", "VectorFileError"]
+import importlib
+import math
+from types import ModuleType
+from typing import Any
+
+__all__ = [
+    "ActAddError",
+    "MissingDependencyError",
+    "ModelLoadError",
+    "OutlierWarning",
+    "PromptError",
+    "SiteError",
+    "VectorFileError",
+    "check_finite",
+    "install_hint",
+    "require",
+]
 
 
 class ActAddError(ValueError):
@@ -27,3 +45,48 @@ class VectorFileError(ActAddError):
 
 class ModelLoadError(ActAddError):
     """A model that cannot be loaded (missing package, unknown name, offline hub)."""
+
+
+class MissingDependencyError(ActAddError, ImportError):
+    """An optional dependency (an ``actadd[...]`` extra) is not installed."""
+
+
+class OutlierWarning(UserWarning):
+    """Steering that will not act as intended: an addition whose norm dwarfs the residual
+    stream, or one that lands only on the attention sink (position 0)."""
+
+
+def install_hint(extra: str) -> str:
+    """The shell command that installs an extra, e.g. ``pip install 'actadd[serve]'``."""
+    return f"pip install 'actadd[{extra}]'"
+
+
+def require(module: str, *, extra: str, feature: str) -> ModuleType:
+    """Import ``module`` or raise a ``MissingDependencyError`` naming the extra that brings it.
+
+    Example:
+        >>> require("math", extra="research", feature="plots").pi > 3
+        True
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{feature} needs the {module.split('.')[0]!r} package: {install_hint(extra)}"
+        ) from e
+
+
+def check_finite(value: Any, what: str) -> float:
+    """Return ``float(value)`` or raise if it is NaN, infinite or not a number.
+
+    Example:
+        >>> check_finite("2.5", "coeff")
+        2.5
+    """
+    try:
+        f = float(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ActAddError(f"{what} must be a number, got {value!r}") from e
+    if not math.isfinite(f):
+        raise ActAddError(f"{what} must be finite, got {value!r}")
+    return f

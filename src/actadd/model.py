@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from actadd.sites import SiteMap, get_module, guess_site_map
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["LM", "default_device", "embedded_model_path", "load_model"]
+__all__ = ["LM", "as_lm", "default_device", "embedded_model_path", "load_model"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,20 @@ class LM:
         layers: str | SiteMap | None = None,
         name: str | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+            if isinstance(tokenizer, nn.Module):
+                raise ModelLoadError(
+                    "LM(model, tokenizer): the arguments are swapped (got a tokenizer, then a "
+                    f"{type(tokenizer).__name__})"
+                )
+            raise ModelLoadError(
+                f"model must be a transformers causal LM (e.g. AutoModelForCausalLM), got "
+                f"{type(model).__name__}"
+            )
+        if not callable(getattr(tokenizer, "decode", None)):
+            raise ModelLoadError(
+                f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}"
+            )
         self.model = model
         self.tokenizer = tokenizer
         config = model.config
@@ -98,7 +113,6 @@ class LM:
         self.prepend_bos = self._decide_bos() if prepend_bos is None else bool(prepend_bos)
         if self.prepend_bos and tokenizer.bos_token_id is None:
             raise PromptError("prepend_bos=True but this tokenizer has no BOS token")
-        self._activation_cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     # -- tokenization -------------------------------------------------------------------------
     def _decide_bos(self) -> bool:
@@ -110,14 +124,14 @@ class LM:
             return True
         return tok.bos_token == tok.eos_token
 
-    def token_ids(self, text: str) -> list[int]:
+    def token_ids(self, text: str, *, allow_empty: bool = False) -> list[int]:
         """Token ids of ``text`` under the sequence-start policy, as a list."""
         if not isinstance(text, str):
             raise PromptError(f"expected a string prompt, got {type(text).__name__}")
         ids: list[int] = self.tokenizer(text, add_special_tokens=False).input_ids
         if self.prepend_bos:
             ids = [int(self.tokenizer.bos_token_id), *ids]
-        if not ids:
+        if not ids and not allow_empty:
             raise PromptError(
                 "empty prompt: give at least one token of text (or use prepend_bos=True)"
             )
@@ -159,16 +173,50 @@ class LM:
                 return int(cand)
         return 0
 
-    def batch_tokens(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ``(input_ids, attention_mask)``, each ``[B, T]``, on the model's device."""
-        rows = [self.token_ids(p) for p in prompts]
+    def encode_with_answer(self, prompt: str, answer: str) -> tuple[list[int], int]:
+        """Token ids of ``prompt + answer`` and where the answer starts.
+
+        The prompt is tokenized as a prompt (``token_ids``) and the answer on its own, so the
+        boundary is exact; with no prompt the answer is a whole text starting at 0.
+        """
+        if not prompt:
+            return self.token_ids(answer), 0
+        head = self.token_ids(prompt)
+        tail = list(self.tokenizer(answer, add_special_tokens=False).input_ids)
+        if not tail:
+            raise PromptError(f"answer {answer!r} has no tokens")
+        return head + tail, len(head)
+
+    def pad(
+        self, rows: Sequence[Sequence[int]], *, side: str = "left"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one batch builder: ``(input_ids, attention_mask)``, each ``[B, T]``, on the
+        model's device, padded with ``pad_token_id``.
+
+        Left padding is for generation (every row's next token comes at the end); right
+        padding for scoring whole texts (a causal model's real tokens never see the pads after
+        them, and positions stay ``0..n-1`` without ``position_ids``).
+        """
+        if side not in ("left", "right"):
+            raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+        if not rows or any(len(r) == 0 for r in rows):
+            raise PromptError("every row of a batch needs at least one token")
         width = max(len(r) for r in rows)
-        ids = [[self.pad_token_id] * (width - len(r)) + r for r in rows]
-        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
+        ids, mask = [], []
+        for r in rows:
+            fill = width - len(r)
+            pads, ones = [self.pad_token_id] * fill, [1] * len(r)
+            ids.append(pads + list(r) if side == "left" else list(r) + pads)
+            mask.append([0] * fill + ones if side == "left" else ones + [0] * fill)
+        dev = self.device
         return (
-            torch.tensor(ids, dtype=torch.long, device=self.device),
-            torch.tensor(mask, dtype=torch.long, device=self.device),
+            torch.tensor(ids, dtype=torch.long, device=dev),
+            torch.tensor(mask, dtype=torch.long, device=dev),
         )
+
+    def batch_tokens(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``(input_ids, attention_mask)`` of prompts, each ``[B, T]``."""
+        return self.pad([self.token_ids(p) for p in prompts])
 
     # -- facts about the model ------------------------------------------------------------------
     @property
@@ -192,6 +240,20 @@ class LM:
             f"LM({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
             f"prepend_bos={self.prepend_bos}, device={self.device})"
         )
+
+
+def as_lm(obj: Any, param: str = "model") -> LM:
+    """``obj`` if it is an ``LM``; otherwise an error that says how to make one."""
+    if isinstance(obj, LM):
+        return obj
+    name = type(obj).__name__
+    if hasattr(obj, "config") and hasattr(obj, "generate"):
+        hint = "wrap it with its tokenizer: actadd.LM(model, tokenizer)"
+    elif hasattr(obj, "encode") and hasattr(obj, "decode"):
+        hint = "that is a tokenizer; pass actadd.LM(model, tokenizer)"
+    else:
+        hint = "load one with actadd.load_model() or wrap yours: actadd.LM(model, tokenizer)"
+    raise ModelLoadError(f"{param} must be an actadd.LM, got {name}: {hint}")
 
 
 def embedded_model_path() -> Path:

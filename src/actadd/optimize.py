@@ -34,13 +34,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from actadd.contrast import _encode
 from actadd.datasets import ContrastDataset, as_dataset, load_texts
 from actadd.errors import ActAddError
-from actadd.hooks import Injection, capture, steer
+from actadd.hooks import capture
 from actadd.model import LM
+from actadd.provenance import provenance
 from actadd.sites import Site, parse_site
-from actadd.vectors import SteeringVector, _now, model_meta
+from actadd.steering import Injection, steer
+from actadd.vectors import SteeringVector
 
 __all__ = ["OptimizeResult", "optimize_vector"]
 
@@ -55,7 +56,7 @@ class _Trainable:
     v: Tensor  # [D], requires grad
 
     def injections(self, lm: LM) -> list[Injection]:
-        return [Injection(self.site, self.v[None, :])]
+        return [Injection(self.site, self.v[None, :], default_location="all")]
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,13 @@ class _Batch:
 def _batch(lm: LM, items: Sequence[tuple[str, str]]) -> _Batch:
     rows, starts = [], []
     for prompt, text in items:
-        ids, start = _encode(lm, prompt, text)
+        ids, start = lm.encode_with_answer(prompt, text)
         if len(ids) < 2:
             raise ActAddError(f"{(prompt + text)!r} is one token: nothing to score after it")
         rows.append(ids)
         starts.append(max(start, 1))
-    width = max(map(len, rows))
-    pad = lm.pad_token_id
-    batch = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=lm.device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=lm.device)
+    batch, mask = lm.pad(rows, side="right")
+    width = batch.shape[1]
     pos = torch.arange(1, width, device=lm.device)[None, :]  # position of the predicted token
     lengths = torch.tensor([len(r) for r in rows], device=lm.device)[:, None]
     first = torch.tensor(starts, device=lm.device)[:, None]
@@ -198,9 +197,12 @@ def optimize_vector(
             opt.zero_grad(set_to_none=True)
             v.grad = grad
             opt.step()
-            row = {"step": step, "loss": float(loss.detach()),
-                   **{k: float(t.detach()) for k, t in terms.items()},
-                   "norm": float(v.detach().norm())}  # fmt: skip
+            row = {
+                "step": step,
+                "loss": float(loss.detach()),
+                **{k: float(t.detach()) for k, t in terms.items()},
+                "norm": float(v.detach().norm()),
+            }
             records.append(row)
             if callback is not None:
                 callback(row)
@@ -210,11 +212,11 @@ def optimize_vector(
             p.requires_grad_(True)
         v.grad = None
     losses = pd.DataFrame.from_records(records)
-    meta = {
-        **model_meta(lm),
-        "method": "optimized",
-        "data": name,
-        "optimizer": {
+    meta = provenance(
+        lm,
+        method="optimized",
+        data=name,
+        optimizer={
             "objective": objective,
             "beta": beta,
             "steps": steps,
@@ -226,10 +228,9 @@ def optimize_vector(
             "norm_weight": norm_weight,
             "n_neutral": len(texts),
         },
-        "loss_first": records[0]["loss"],
-        "loss_last": records[-1]["loss"],
-        "created": _now(),
-    }
+        loss_first=records[0]["loss"],
+        loss_last=records[-1]["loss"],
+    )
     return OptimizeResult(SteeringVector({site.name: v.detach().clone()}, 1.0, meta), losses)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from actadd.errors import ActAddError
+from actadd.errors import ActAddError, require
 
 __all__ = [
     "heatmap",
@@ -39,6 +39,7 @@ BACKENDS = ("plotly", "matplotlib")
 def _check(data: pd.DataFrame, cols: list[str | None], backend: str) -> None:
     if backend not in BACKENDS:
         raise ActAddError(f"backend must be 'plotly' or 'matplotlib', got {backend!r}")
+    require(backend, extra="research", feature=f"{backend} plots")
     missing = [c for c in cols if c is not None and c not in data.columns]
     if missing:
         raise ActAddError(f"no columns {missing} to plot; have {list(data.columns)}")

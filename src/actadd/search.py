@@ -27,9 +27,9 @@ import torch
 from actadd.additions import get_x_vector
 from actadd.errors import ActAddError, PromptError
 from actadd.generation import gen_using_activation_additions
-from actadd.hooks import steer
 from actadd.model import LM
 from actadd.sites import canonical_act_name
+from actadd.steering import steer
 
 __all__ = ["search_pairs", "target_token_ids", "vocabulary_candidates", "word_metric"]
 
@@ -86,8 +86,12 @@ def _next_token_logprobs(lm: LM, prompts: list[str], rows: list[list[Any]] | Non
     """``[B, V]`` next-token log-probabilities after each prompt, steered per row if given."""
     ids, mask = lm.batch_tokens(prompts)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding: real positions from 0
-    kwargs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
-              "use_cache": False}  # fmt: skip
+    kwargs = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": position_ids,
+        "use_cache": False,
+    }
     if rows is None:
         logits = lm.model(**kwargs).logits
     else:
@@ -144,8 +148,13 @@ def search_pairs(
     prompts = list(prompts)
     if not prompts:
         raise PromptError("search_pairs needs at least one evaluation prompt")
-    pos = list(dict.fromkeys([*(candidates or []), *vocabulary_candidates(lm, targets, vocab)]
-                             if vocab else list(candidates or [])))  # fmt: skip
+    pos = list(
+        dict.fromkeys(
+            [*(candidates or []), *vocabulary_candidates(lm, targets, vocab)]
+            if vocab
+            else list(candidates or [])
+        )
+    )
     neg = list(negatives) if negatives is not None else [" "]
     pairs = [(a, b) for a in pos for b in neg if a != b]
     if not pairs:
@@ -172,14 +181,31 @@ def search_pairs(
         kl.append((ref.exp() * (ref - lp)).sum(-1))
     e = torch.cat(eff).view(len(pairs), len(prompts)).mean(1)
     k = torch.cat(kl).view(len(pairs), len(prompts)).mean(1)
-    df = pd.DataFrame({"positive": [a for a, _ in pairs], "negative": [b for _, b in pairs],
-                       "effectiveness": e.tolist(), "kl": k.tolist()})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "positive": [a for a, _ in pairs],
+            "negative": [b for _, b in pairs],
+            "effectiveness": e.tolist(),
+            "kl": k.tolist(),
+        }
+    )
     df["score"] = df.effectiveness - kl_weight * df.kl
     df = df.sort_values("score", ascending=False, ignore_index=True)
     log.info("scored %d pairs on %d prompts at %s", len(pairs), len(prompts), act_name)
     if rescore > 0:
-        df = _rescore(lm, df, rescore, prompts, act_name, coeff, samples, tokens,
-                      metric or word_metric(targets), seed, sampling)  # fmt: skip
+        df = _rescore(
+            lm,
+            df,
+            rescore,
+            prompts,
+            act_name,
+            coeff,
+            samples,
+            tokens,
+            metric or word_metric(targets),
+            seed,
+            sampling,
+        )
     return df.head(top_k).reset_index(drop=True)
 
 
@@ -204,8 +230,9 @@ def _rescore(
         rows += [list(get_x_vector(a, b, coeff=coeff, act_name=act_name))] * len(evals)
     texts = [p for p, _ in evals] * (len(top) + 1)
     seeds = [seed + s for _, s in evals] * (len(top) + 1)
-    out = gen_using_activation_additions(lm, rows, texts, tokens_to_generate=tokens, seeds=seeds,
-                                         batch_size=32, **sampling)  # fmt: skip
+    out = gen_using_activation_additions(
+        lm, rows, texts, tokens_to_generate=tokens, seeds=seeds, batch_size=32, **sampling
+    )
     scores = torch.tensor([metric(c) for c in out.completions]).view(len(top) + 1, len(evals))
     df = df.copy()
     df["gen_score"] = float("nan")

@@ -38,6 +38,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out")
+# where each kind sits inside a decoder layer, in forward order
+_FORWARD_ORDER = ("resid_pre", "attn_out", "mlp_out", "resid_post")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,19 @@ class Site:
     def name(self) -> str:
         """The TransformerLens name, e.g. ``blocks.6.hook_resid_pre``."""
         return get_act_name(self.kind, self.layer)
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Sort key in forward order (negative layers, not yet resolved, after the others)."""
+        layer = self.layer if self.layer >= 0 else 10**6 + self.layer
+        return layer, _FORWARD_ORDER.index(self.kind)
+
+    @classmethod
+    def from_name(cls, act_name: int | str) -> Site:
+        """The site an ``act_name`` names, with its layer as written (see ``parse_site``)."""
+        m = _NAME_RE.match(canonical_act_name(act_name))
+        assert m is not None  # canonical_act_name returns a name the pattern matches
+        return cls(m.group(2), int(m.group(1)))
 
     def __str__(self) -> str:
         return self.name
@@ -91,10 +106,8 @@ ARCHITECTURES: dict[str, SiteMap] = {
     "granite": SiteMap("model.layers", None, None),
 }
 # Llama-style decoders: model.layers[i].self_attn / .mlp
-for _t in (
-    "llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3",
-    "stablelm", "starcoder2", "olmo", "cohere", "qwen2_moe", "qwen3_moe",
-):  # fmt: skip
+_LLAMA_LIKE = "llama mistral qwen2 qwen3 gemma phi3 smollm3 stablelm starcoder2 olmo cohere"
+for _t in (*_LLAMA_LIKE.split(), "qwen2_moe", "qwen3_moe"):
     ARCHITECTURES.setdefault(_t, SiteMap("model.layers", "self_attn", "mlp"))
 
 _NAME_RE = re.compile(r"^blocks\.(-?\d+)\.(?:hook_)?(resid_pre|resid_post|attn_out|mlp_out)$")
@@ -114,12 +127,8 @@ def parse_site(act_name: int | str | Site, n_layers: int) -> Site:
         >>> parse_site(6, 30), parse_site("blocks.-1.hook_resid_post", 30).name
         (Site(kind='resid_pre', layer=6), 'blocks.29.hook_resid_post')
     """
-    if isinstance(act_name, Site):
-        kind, layer = act_name.kind, act_name.layer
-    else:
-        m = _NAME_RE.match(canonical_act_name(act_name))
-        assert m is not None  # canonical_act_name returns a name the pattern matches
-        layer, kind = int(m.group(1)), m.group(2)
+    site = act_name if isinstance(act_name, Site) else Site.from_name(act_name)
+    kind, layer = site.kind, site.layer
     normal = layer + n_layers if layer < 0 else layer
     if not 0 <= normal < n_layers:
         raise SiteError(

@@ -24,19 +24,23 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 
+from actadd import display
+from actadd import progress as reporting
 from actadd.additions import ActivationAddition
 from actadd.errors import ActAddError
 from actadd.generation import gen_using_activation_additions
-from actadd.hooks import Injection, Steerable
 from actadd.metrics import Metric, add_metric_cols
 from actadd.model import LM
 from actadd.sites import canonical_act_name
+from actadd.steering import Injection, Steerable
 
 __all__ = [
     "SlicedAddition",
@@ -45,6 +49,7 @@ __all__ = [
     "make_activation_additions",
     "reduce_sweep_results",
     "sweep_over_prompts",
+    "write_results",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,7 +90,7 @@ class SlicedAddition:
         mask = torch.zeros(d)
         mask[dims] = 1.0
         return [
-            Injection(i.site, i.tensor * mask.to(i.tensor), i.coeff)
+            Injection(i.site, i.tensor * mask.to(i.tensor), i.coeff, i.default_location)
             for i in self.addition.injections(lm)
         ]
 
@@ -262,7 +267,8 @@ def sweep_over_prompts(
     temperature: float = 1.0,
     top_p: float = 1.0,
     freq_penalty: float = 0.0,
-    addition_location: str = "front",
+    top_k: int = 0,
+    addition_location: str | None = None,
     res_stream_slice: slice = slice(None),
     batch_size: int | None = None,
     progress: bool = True,
@@ -339,26 +345,29 @@ def sweep_over_prompts(
 
     frames: list[pd.DataFrame] = []
     interrupted = False
-    with _progress(progress, len(jobs)) as advance:
+    bars = display.progress_bars() if progress and not reporting.active() else nullcontext()
+    with bars:
         try:
             for lo in range(0, len(jobs), batch_size):
                 chunk = jobs[lo : lo + batch_size]
-                df = gen_using_activation_additions(
-                    model,
-                    [add_lists[c] if c >= 0 else [] for _, c, _ in chunk],
-                    [prompt_list[p] for p, _, _ in chunk],
-                    tokens_to_generate=tokens_to_generate,
-                    seeds=[base + i for _, _, i in chunk],
-                    temperature=temperature,
-                    top_p=top_p,
-                    freq_penalty=freq_penalty,
-                    addition_location=addition_location,
-                    res_stream_slice=res_stream_slice,
-                )
+                with reporting.silenced():  # one bar for the sweep, not one per batch
+                    df = gen_using_activation_additions(
+                        model,
+                        [add_lists[c] if c >= 0 else [] for _, c, _ in chunk],
+                        [prompt_list[p] for p, _, _ in chunk],
+                        tokens_to_generate=tokens_to_generate,
+                        seeds=[base + i for _, _, i in chunk],
+                        temperature=temperature,
+                        top_p=top_p,
+                        top_k=top_k,
+                        freq_penalty=freq_penalty,
+                        addition_location=addition_location,
+                        res_stream_slice=res_stream_slice,
+                    )
                 df["completion_index"] = [i for _, _, i in chunk]
                 df["activation_addition_index"] = [c for _, c, _ in chunk]
                 frames.append(df)
-                advance(len(chunk))
+                reporting.report("sweep", lo + len(chunk), len(jobs))
         except KeyboardInterrupt:
             interrupted = True
             done = sum(len(f) for f in frames)
@@ -386,44 +395,6 @@ def sweep_over_prompts(
         df.attrs["interrupted"] = interrupted
         df.attrs["config_columns"] = list(extra.columns)
     return normal, patched
-
-
-class _progress:
-    """A rich progress bar on stderr (or nothing), as a context giving ``advance(n)``."""
-
-    def __init__(self, enabled: bool, total: int) -> None:
-        self.enabled, self.total = enabled, total
-        self.bar: Any = None
-
-    def __enter__(self) -> Any:
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("sweep"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("completions"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.bar.start()
-        task = self.bar.add_task("sweep", total=self.total)
-        return lambda n: self.bar.advance(task, n)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 def _metric_columns(normal: pd.DataFrame, patched: pd.DataFrame) -> list[str]:
@@ -508,3 +479,50 @@ def best_configurations(
     if metric not in reduced.columns:
         raise ActAddError(f"no column {metric!r}; have {list(reduced.columns)}")
     return reduced.sort_values(metric, ascending=ascending).head(k)
+
+
+def write_results(
+    normal_df: pd.DataFrame,
+    patched_df: pd.DataFrame,
+    out: str | os.PathLike[str],
+    *,
+    metrics: Sequence[str] = (),
+    plots: bool = True,
+) -> tuple[list[Path], pd.DataFrame | None, pd.DataFrame | None]:
+    """Write a sweep to ``out/``: ``rows.csv`` and ``rows.parquet`` (every completion),
+    ``summary.csv`` (``reduce_sweep_results``) and, per metric and for ``loss``, a line plot by
+    layer and a layer × coefficient heatmap (HTML and PNG; plots need ``actadd[research]``).
+
+    Returns:
+        ``(files written, reduced_normal, reduced_patched)``; the reduced frames are None when
+        no steered row finished.
+    """
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rows = pd.concat([normal_df, patched_df], ignore_index=True)
+    rows.to_csv(outdir / "rows.csv", index=False)
+    written = [outdir / "rows.csv"]
+    try:
+        rows.to_parquet(outdir / "rows.parquet", index=False)
+        written.append(outdir / "rows.parquet")
+    except ImportError:
+        log.warning("no pyarrow: skipped rows.parquet (pip install pyarrow)")
+    if patched_df.empty:
+        return written, None, None
+    reduced_n, reduced = reduce_sweep_results(normal_df, patched_df)
+    reduced.to_csv(outdir / "summary.csv", index=False)
+    written.append(outdir / "summary.csv")
+    if plots:
+        from actadd import plots as P
+
+        for m in [*metrics, "loss"]:
+            figs = {
+                f"{m}_by_layer": lambda b, m=m: P.line_plot(
+                    reduced, m, baseline=reduced_n, backend=b
+                ),
+                f"{m}_heatmap": lambda b, m=m: P.heatmap(reduced, m, backend=b),
+            }
+            for name, make in figs.items():
+                written.append(P.save_figure(make("plotly"), outdir / f"{name}.html"))
+                written.append(P.save_figure(make("matplotlib"), outdir / f"{name}.png"))
+    return written, reduced_n, reduced

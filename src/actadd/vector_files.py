@@ -25,6 +25,9 @@ actadd site                            GGUF tensor
 and import gives ``blocks.N.hook_resid_post``. Export writes ``coeff × direction`` (a file
 steers at strength 1 as the vector does); ``attn_out``/``mlp_out`` sites have no GGUF slot.
 actadd's metadata rides along as the string ``actadd.meta``, which llama.cpp ignores.
+
+This module reads and writes plain data (directions, coefficient, metadata); the
+``SteeringVector`` methods (``save``, ``load``, ``to_gguf``, ``from_gguf``) build values from it.
 """
 
 from __future__ import annotations
@@ -33,18 +36,28 @@ import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from actadd.errors import ActAddError, VectorFileError
 from actadd.model import LM
+from actadd.provenance import now
 from actadd.sites import Site, parse_site
-from actadd.vectors import SteeringVector, _now
 
-__all__ = ["check_fits", "load_gguf", "load_safetensors", "save_gguf", "save_safetensors"]
+__all__ = [
+    "check_fits",
+    "gguf_layer",
+    "is_gguf",
+    "read_gguf",
+    "read_safetensors",
+    "save_gguf",
+    "save_safetensors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +68,28 @@ _DIRECTION_RE = re.compile(r"^direction\.(\d+)$")
 
 
 # -- safetensors ----------------------------------------------------------------------------
-def save_safetensors(v: SteeringVector, path: str | os.PathLike[str]) -> None:
+def save_safetensors(
+    directions: Mapping[str, Tensor],
+    coeff: float,
+    meta: Mapping[str, Any],
+    path: str | os.PathLike[str],
+) -> None:
+    """Write one float32 tensor per site and the metadata (see the module docs)."""
     from safetensors.torch import save_file
 
-    tensors = {k: d.detach().float().cpu().contiguous() for k, d in v.directions.items()}
+    tensors = {k: d.detach().float().cpu().contiguous() for k, d in directions.items()}
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "coeff": repr(float(v.coeff)),
-        "meta": json.dumps(dict(v.meta), default=str),
+        "coeff": repr(float(coeff)),
+        "meta": json.dumps(dict(meta), default=str),
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=metadata)
 
 
-def load_safetensors(
-    path: str | os.PathLike[str], lm: LM | None = None, *, strict: bool = True
-) -> SteeringVector:
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], float, dict]:
+    """``(directions, coeff, meta)`` of a file written by ``save_safetensors``."""
     from safetensors import SafetensorError, safe_open
 
     p = Path(path)
@@ -82,7 +100,7 @@ def load_safetensors(
             header = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        hint = " (it looks like GGUF: use SteeringVector.from_gguf)" if _is_gguf(p) else ""
+        hint = " (it looks like GGUF: use SteeringVector.from_gguf)" if is_gguf(p) else ""
         raise VectorFileError(
             f"{p} is not a readable safetensors file: corrupted or truncated?{hint} ({e})"
         ) from e
@@ -102,35 +120,39 @@ def load_safetensors(
         meta = json.loads(header.get("meta", "{}"))
         if not isinstance(meta, dict):
             raise ValueError("meta is not a JSON object")
-        v = SteeringVector(tensors, coeff, meta)
-    except (KeyError, ValueError, TypeError) as e:  # ActAddError is a ValueError
+    except (KeyError, ValueError, TypeError, RecursionError) as e:
         raise VectorFileError(f"{p} is damaged: {e}") from e
-    if lm is not None:
-        check_fits(v, lm, source=str(p), strict=strict)
-    return v
+    return tensors, coeff, meta
 
 
 def check_fits(
-    v: SteeringVector, lm: LM, *, source: str = "this vector", strict: bool = True
+    d_model: int,
+    sites: Sequence[str],
+    meta: Mapping[str, Any],
+    lm: LM,
+    *,
+    source: str = "this vector",
+    strict: bool = True,
 ) -> None:
-    """Raise ``VectorFileError`` if ``v`` was made for a model of another shape or tokenizer."""
-    made = v.meta.get("model", "an unknown model")
-    if v.d_model != lm.d_model:
+    """Raise ``VectorFileError`` if a vector of width ``d_model`` at ``sites``, with ``meta``,
+    was made for a model of another shape or tokenizer."""
+    made = meta.get("model", "an unknown model")
+    if d_model != lm.d_model:
         raise VectorFileError(
-            f"{source} has d_model={v.d_model} (made for {made}) but {lm.name} has "
+            f"{source} has d_model={d_model} (made for {made}) but {lm.name} has "
             f"d_model={lm.d_model}: steering vectors only fit the model they were made with"
         )
-    for name in v.sites:
+    for name in sites:
         try:
             parse_site(name, lm.n_layers)
         except ActAddError as e:
             raise VectorFileError(
-                f"{source} (made for {made}, {v.meta.get('n_layers', '?')} layers) has site "
+                f"{source} (made for {made}, {meta.get('n_layers', '?')} layers) has site "
                 f"{name}, which {lm.name} lacks: {e}"
             ) from e
-    fp = v.meta.get("fingerprint")
+    fp = meta.get("fingerprint")
     if fp and fp != lm.fingerprint:
-        n_layers = v.meta.get("n_layers")
+        n_layers = meta.get("n_layers")
         why = (
             f"{n_layers} layers vs {lm.n_layers}"
             if n_layers not in (None, lm.n_layers)
@@ -146,7 +168,11 @@ def check_fits(
         log.warning(msg)
 
 
-def _is_gguf(p: Path) -> bool:
+def is_gguf(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a GGUF file (by its first four bytes)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
     with p.open("rb") as f:
         return f.read(4) == b"GGUF"
 
@@ -172,28 +198,34 @@ def gguf_layer(site: Site) -> int:
 
 
 def save_gguf(
-    v: SteeringVector, path: str | os.PathLike[str], *, model_hint: str | None = None
+    directions: Mapping[str, Tensor],
+    coeff: float,
+    meta: Mapping[str, Any],
+    path: str | os.PathLike[str],
+    *,
+    model_hint: str | None = None,
 ) -> None:
+    """Write llama.cpp's control-vector GGUF: ``coeff × direction`` per ``direction.N``."""
     import gguf
 
-    n_layers = v.meta.get("n_layers")
+    n_layers = meta.get("n_layers")
     rows: dict[int, np.ndarray] = {}
-    for name, d in v.directions.items():
+    for name, d in directions.items():
         layer = int(name.split(".")[1])
         if layer < 0 and not n_layers:
             raise VectorFileError(f"{name}: negative layers need meta['n_layers'] to export")
         site = parse_site(name, int(n_layers) if n_layers else layer + 1)
         n = gguf_layer(site)
-        arr = (v.coeff * d.detach().double().cpu()).numpy()
+        arr = (coeff * d.detach().double().cpu()).numpy()
         rows[n] = rows[n] + arr if n in rows else arr  # resid_pre N+1 and resid_post N add up
-    hint = model_hint or str(v.meta.get("model_type") or v.meta.get("model") or "unknown")
+    hint = model_hint or str(meta.get("model_type") or meta.get("model") or "unknown")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), GGUF_ARCH)
     try:
         writer.add_string(f"{GGUF_ARCH}.model_hint", hint)
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(rows))
-        writer.add_string("actadd.meta", json.dumps({**dict(v.meta), "coeff": v.coeff,
-                                                     "sites": v.sites}, default=str))  # fmt: skip
+        extra = {**dict(meta), "coeff": coeff, "sites": list(directions)}
+        writer.add_string("actadd.meta", json.dumps(extra, default=str))
         for n in sorted(rows):
             writer.add_tensor(f"direction.{n}", rows[n].astype(np.float32))
         writer.write_header_to_file()
@@ -211,7 +243,9 @@ def _field_str(reader: Any, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def load_gguf(path: str | os.PathLike[str], lm: LM | None = None) -> SteeringVector:
+def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """``(directions, meta)`` of a control-vector GGUF: ``direction.N`` → resid_post N,
+    coefficient 1 (the file's values are what llama.cpp adds)."""
     import gguf
 
     p = Path(path)
@@ -258,19 +292,11 @@ def load_gguf(path: str | os.PathLike[str], lm: LM | None = None) -> SteeringVec
     if isinstance(stats, dict) and meta.get("n_layers"):  # re-key per-site stats to resid_post
         try:
             sites = {k: parse_site(k, int(meta["n_layers"])) for k in stats}
-            meta["stats"] = {f"blocks.{gguf_layer(s)}.hook_resid_post": stats[k]
-                             for k, s in sites.items()}  # fmt: skip
+            meta["stats"] = {
+                f"blocks.{gguf_layer(s)}.hook_resid_post": stats[k] for k, s in sites.items()
+            }
         except ActAddError:
             pass
     meta.setdefault("model_type", hint)
-    meta.update({"imported_from": f"gguf:{p.name}", "gguf_model_hint": hint, "loaded": _now()})
-    try:
-        v = SteeringVector(dirs, 1.0, meta)
-    except ActAddError as e:
-        raise VectorFileError(f"{p}: {e}") from e
-    if lm is not None:
-        model_type = getattr(lm.model.config, "model_type", None)
-        if hint and model_type and hint not in (model_type, lm.name):
-            log.warning("%s was made for model type %r, loading into %r", p, hint, model_type)
-        check_fits(v, lm, source=str(p), strict=True)
-    return v
+    meta.update({"imported_from": f"gguf:{p.name}", "gguf_model_hint": hint, "loaded": now()})
+    return dirs, meta

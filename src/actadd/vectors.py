@@ -15,37 +15,25 @@ Files: ``save``/``load`` (safetensors with metadata, never pickle) and ``to_gguf
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from actadd.errors import ActAddError
-from actadd.hooks import Injection, check_finite
+from actadd import vector_files as files
+from actadd.errors import ActAddError, VectorFileError, check_finite
 from actadd.model import LM
+from actadd.provenance import SITE_CONVENTION, now, provenance
 from actadd.sites import Site, canonical_act_name, parse_site
+from actadd.steering import Injection, as_rows, resolve
 
-__all__ = ["SITE_CONVENTION", "SteeringVector", "model_meta"]
+__all__ = ["SITE_CONVENTION", "SteeringVector"]
 
 log = logging.getLogger(__name__)
-
-SITE_CONVENTION = (
-    "transformer_lens: blocks.L.hook_resid_pre is the input of decoder layer L (0-based), "
-    "blocks.L.hook_resid_post its output"
-)
-
-
-def _site_sort_key(name: str) -> tuple[int, int]:
-    """Forward order of canonical names ``blocks.L.hook_kind`` (negative layers last)."""
-    _, layer, hook = name.split(".", 2)
-    order = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
-    n = int(layer)
-    return (n if n >= 0 else 10**6 + n), order.index(hook)
 
 
 @dataclass(frozen=True, eq=False)
@@ -101,7 +89,7 @@ class SteeringVector:
             if name in dirs:
                 raise ActAddError(f"site {name} is given twice (e.g. as 6 and as its name)")
             dirs[name] = t
-        ordered = dict(sorted(dirs.items(), key=lambda kv: _site_sort_key(kv[0])))
+        ordered = dict(sorted(dirs.items(), key=lambda kv: Site.from_name(kv[0]).order))
         object.__setattr__(self, "directions", ordered)
         object.__setattr__(self, "meta", dict(self.meta))
 
@@ -122,14 +110,15 @@ class SteeringVector:
 
     def norms(self) -> dict[str, float]:
         """Norm of ``coeff × direction`` per site: what is added to each token."""
-        return {k: float(v.detach().float().norm()) * abs(self.coeff)
-                for k, v in self.directions.items()}  # fmt: skip
+        c = abs(self.coeff)
+        return {k: float(v.detach().float().norm()) * c for k, v in self.directions.items()}
 
     def describe(self) -> str:
         method = self.meta.get("method", "vector")
-        where = ", ".join(self.sites) if len(self.sites) <= 3 else (
-            f"{len(self.sites)} sites, layers {self.layers[0]}-{self.layers[-1]}"
-        )  # fmt: skip
+        if len(self.sites) <= 3:
+            where = ", ".join(self.sites)
+        else:
+            where = f"{len(self.sites)} sites, layers {self.layers[0]}-{self.layers[-1]}"
         return f"{self.coeff:+g} × {method} @ {where}"
 
     def __repr__(self) -> str:
@@ -140,7 +129,8 @@ class SteeringVector:
 
     # -- steering --------------------------------------------------------------------------------
     def injections(self, lm: LM) -> list[Injection]:
-        """One ``[1, D]`` injection of ``coeff × direction`` per site, on the model's device."""
+        """One ``[1, D]`` injection of ``coeff × direction`` per site, on the model's device;
+        it lands on every token (``all``) unless the caller gives another location."""
         if self.d_model != lm.d_model:
             raise ActAddError(
                 f"this vector has d_model={self.d_model} but {lm.name} has {lm.d_model}: it was "
@@ -150,7 +140,7 @@ class SteeringVector:
         for name, d in self.directions.items():
             site: Site = parse_site(name, lm.n_layers)
             t = d.to(device=lm.device, dtype=torch.promote_types(d.dtype, torch.float32))
-            out.append(Injection(site, (self.coeff * t)[None, :], self.coeff))
+            out.append(Injection(site, (self.coeff * t)[None, :], self.coeff, "all"))
         return out
 
     # -- values ----------------------------------------------------------------------------------
@@ -187,10 +177,10 @@ class SteeringVector:
             for name, d in v.directions.items():
                 term = v.coeff * d
                 dirs[name] = dirs[name] + term.to(dirs[name]) if name in dirs else term
-        base = {k: self.meta[k] for k in ("model", "fingerprint", "d_model", "n_layers",
-                                          "site_convention") if k in self.meta}  # fmt: skip
-        meta = {**base, "method": "sum", "parts": [_summary(self), _summary(other)],
-                "created": _now()}  # fmt: skip
+        keep = ("model", "fingerprint", "d_model", "n_layers", "site_convention")
+        base = {k: self.meta[k] for k in keep if k in self.meta}
+        parts = [_summary(self), _summary(other)]
+        meta = {**base, "method": "sum", "parts": parts, "created": now()}
         return SteeringVector(dirs, 1.0, meta)
 
     def __sub__(self, other: SteeringVector) -> SteeringVector:
@@ -209,11 +199,13 @@ class SteeringVector:
         """Same sites and ``coeff × direction`` equal up to rounding at each."""
         if self.sites != other.sites:
             return False
+        pairs = zip(self.directions.values(), other.directions.values(), strict=True)
         return all(
-            torch.allclose(self.coeff * a.double().cpu(), other.coeff * b.double().cpu(),
-                           rtol=rtol, atol=atol)
-            for a, b in zip(self.directions.values(), other.directions.values(), strict=True)
-        )  # fmt: skip
+            torch.allclose(
+                self.coeff * a.double().cpu(), other.coeff * b.double().cpu(), rtol=rtol, atol=atol
+            )
+            for a, b in pairs
+        )
 
     @classmethod
     def from_additions(cls, lm: LM, additions: Any, **meta: Any) -> SteeringVector:
@@ -227,25 +219,20 @@ class SteeringVector:
             >>> v = SteeringVector.from_additions(
             ...     lm, get_x_vector("Love", "Hate", 1, 6))  # doctest: +SKIP
         """
-        from actadd.hooks import _as_rows
-
-        rows, per_row = _as_rows(lm, additions)
+        rows, per_row = as_rows(additions)
         if per_row or not rows[0]:
             raise ActAddError("give one list of additions (not one per row, not empty)")
         dirs: dict[str, Tensor] = {}
-        for inj in rows[0]:
+        for inj in resolve(lm, rows)[0]:
             term = inj.tensor.to(torch.promote_types(inj.tensor.dtype, torch.float32)).mean(0)
             dirs[inj.site.name] = dirs[inj.site.name] + term if inj.site.name in dirs else term
-        labels = [a.describe() for a in _flat(additions) if hasattr(a, "describe")]
-        info = {**model_meta(lm), "method": "actadd", "data": labels, "created": _now(), **meta}
-        return cls(dirs, 1.0, info)
+        labels = [a.describe() for a in rows[0] if hasattr(a, "describe")]
+        return cls(dirs, 1.0, provenance(lm, method="actadd", data=labels, **meta))
 
-    # -- files (implemented in actadd.vector_files) ---------------------------------------------
+    # -- files (formats in actadd.vector_files) ------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.safetensors`` file: one float32 tensor per site, metadata as JSON."""
-        from actadd.vector_files import save_safetensors
-
-        save_safetensors(self, path)
+        files.save_safetensors(self.directions, self.coeff, self.meta, path)
 
     @classmethod
     def load(
@@ -256,52 +243,51 @@ class SteeringVector:
         Raises ``VectorFileError`` for a corrupted or foreign file, or (with ``lm``) a model of
         another shape, or another tokenizer (``strict=False`` turns that one into a warning).
         """
-        from actadd.vector_files import load_safetensors
+        tensors, coeff, meta = files.read_safetensors(path)
+        v = cls._from_file(path, tensors, coeff, meta)
+        if lm is not None:
+            files.check_fits(v.d_model, v.sites, v.meta, lm, source=str(path), strict=strict)
+        return v
 
-        return load_safetensors(path, lm, strict=strict)
+    @classmethod
+    def read(cls, path: str | os.PathLike[str], lm: LM | None = None) -> SteeringVector:
+        """Read any vector file actadd knows, told apart by its first bytes: GGUF control
+        vectors (``from_gguf``) or actadd's safetensors (``load``)."""
+        return cls.from_gguf(path, lm) if files.is_gguf(path) else cls.load(path, lm)
 
     def to_gguf(self, path: str | os.PathLike[str], *, model_hint: str | None = None) -> None:
         """Write llama.cpp's control-vector GGUF (``direction.N``); see ``actadd.vector_files``."""
-        from actadd.vector_files import save_gguf
-
-        save_gguf(self, path, model_hint=model_hint)
+        files.save_gguf(self.directions, self.coeff, self.meta, path, model_hint=model_hint)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike[str], lm: LM | None = None) -> SteeringVector:
         """Read a control-vector GGUF (llama.cpp, repeng); ``direction.N`` → resid_post N."""
-        from actadd.vector_files import load_gguf
+        tensors, meta = files.read_gguf(path)
+        v = cls._from_file(path, tensors, 1.0, meta)
+        if lm is not None:
+            hint = meta.get("gguf_model_hint")
+            model_type = getattr(lm.model.config, "model_type", None)
+            if hint and model_type and hint not in (model_type, lm.name):
+                log.warning(
+                    "%s was made for model type %r, loading into %r", path, hint, model_type
+                )
+            files.check_fits(v.d_model, v.sites, v.meta, lm, source=str(path), strict=True)
+        return v
 
-        return load_gguf(path, lm)
-
-
-def _flat(additions: Any) -> Iterable[Any]:
-    if isinstance(additions, (list, tuple)):
-        for a in additions:
-            yield from _flat(a)
-    else:
-        yield additions
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    @classmethod
+    def _from_file(
+        cls, path: Any, tensors: dict[str, Tensor], coeff: float, meta: dict[str, Any]
+    ) -> SteeringVector:
+        try:
+            return cls(tensors, coeff, meta)
+        except ActAddError as e:  # a file whose values are not a valid vector
+            raise VectorFileError(f"{path} is damaged: {e}") from e
 
 
 def _summary(v: SteeringVector) -> dict[str, Any]:
-    return {"coeff": v.coeff, "method": v.meta.get("method"), "sites": v.sites,
-            "data": v.meta.get("data")}  # fmt: skip
-
-
-def model_meta(lm: LM) -> dict[str, Any]:
-    """The provenance every vector made from ``lm`` carries."""
-    from actadd import __version__
-
     return {
-        "model": lm.name,
-        "model_type": getattr(lm.model.config, "model_type", None),
-        "fingerprint": lm.fingerprint,
-        "d_model": lm.d_model,
-        "n_layers": lm.n_layers,
-        "prepend_bos": lm.prepend_bos,
-        "site_convention": SITE_CONVENTION,
-        "actadd_version": __version__,
+        "coeff": v.coeff,
+        "method": v.meta.get("method"),
+        "sites": v.sites,
+        "data": v.meta.get("data"),
     }

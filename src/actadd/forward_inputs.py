@@ -1,0 +1,101 @@
+"""What a forward pass received: the one place that reads the model's arguments.
+
+The root steering hook sits on the module that owns the decoder layers (``LlamaModel``,
+``GPT2Model``, ...) and needs, for the forward under way: the batch and token counts, the
+tokens, how many tokens are already in the KV cache, the 2-D attention mask (left padding) and
+the position ids. Releases of transformers pass these under different names (the cache has
+been ``past_key_values``, ``past_key_value`` and ``cache``; ``generate`` may drop an all-ones
+mask), so every name a supported release uses is read here, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from actadd.errors import PromptError
+
+__all__ = ["ForwardInputs", "ForwardReader", "cache_length"]
+
+# where transformers releases put the KV cache in the base model's forward, newest first
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """The facts of one forward pass that positions depend on.
+
+    ``mask`` is the 2-D attention mask over cached and new tokens (``[B, >= past + T]``), or
+    None when the model got none (or one of another shape: then no token is padding).
+    """
+
+    batch: int
+    tokens: int
+    ids: Tensor | None  # [B, T]
+    past: int  # tokens already in the cache
+    mask: Tensor | None  # [B, >= past + T]
+    position_ids: Tensor | None  # [B or 1, T] or [T]
+    device: torch.device
+
+
+def cache_length(cache: Any) -> int | None:
+    """Tokens held by a KV cache object (any transformers cache, or a legacy tuple), else None."""
+    if cache is None:
+        return None
+    if hasattr(cache, "get_seq_length"):
+        return int(cache.get_seq_length())
+    if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
+        return int(cache[0][0].shape[-2])  # legacy tuple cache: [B, heads, past, head_dim]
+    return None
+
+
+class ForwardReader:
+    """Reads ``ForwardInputs`` from the arguments of ``base_model.forward`` (a pre-hook's view)."""
+
+    def __init__(self, base_model: nn.Module) -> None:
+        self._sig = inspect.signature(base_model.forward)
+        self._positional = [
+            name
+            for name, p in self._sig.parameters.items()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+
+    def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The forward's arguments by name; ``generate`` passes keywords, so no binding."""
+        if not args:
+            return kwargs
+        if len(args) <= len(self._positional):
+            return {**dict(zip(self._positional[: len(args)], args, strict=True)), **kwargs}
+        bound = self._sig.bind_partial(*args, **kwargs).arguments
+        bound.update(bound.pop("kwargs", {}) or {})
+        return bound
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> ForwardInputs:
+        a = self.arguments(args, kwargs)
+        ids, embeds = a.get("input_ids"), a.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if not isinstance(ref, Tensor):
+            raise PromptError("steered forward pass got neither input_ids nor inputs_embeds")
+        B, T = int(ref.shape[0]), int(ref.shape[1])
+        mask, pos = a.get("attention_mask"), a.get("position_ids")
+        past = next(
+            (n for n in (cache_length(a.get(k)) for k in CACHE_NAMES) if n is not None), None
+        )
+        mask2d = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
+        if past is None:
+            past = int(mask2d.shape[1]) - T if mask2d is not None else 0
+        if mask2d is not None and mask2d.shape[1] < past + T:
+            mask2d = None  # not a mask over cached + new tokens: no padding information
+        return ForwardInputs(
+            batch=B,
+            tokens=T,
+            ids=ids if isinstance(ids, Tensor) else None,
+            past=past,
+            mask=mask2d,
+            position_ids=pos if isinstance(pos, Tensor) and pos.ndim in (1, 2) else None,
+            device=ref.device,
+        )

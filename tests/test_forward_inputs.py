@@ -1,0 +1,82 @@
+"""Reading what a forward pass received, under every name transformers releases use (no model)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from actadd.errors import PromptError
+from actadd.forward_inputs import ForwardReader, cache_length
+
+
+class _Cache:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def get_seq_length(self) -> int:
+        return self.n
+
+
+class _Base(nn.Module):
+    def forward(  # the shape of a transformers base model's forward
+        self,
+        input_ids: Any = None,
+        attention_mask: Any = None,
+        position_ids: Any = None,
+        past_key_values: Any = None,
+        inputs_embeds: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        return None
+
+
+IDS = torch.tensor([[5, 6, 7]])
+
+
+def read(*args: Any, **kwargs: Any):
+    return ForwardReader(_Base()).read(args, kwargs)
+
+
+@pytest.mark.parametrize("name", ["past_key_values", "cache", "past_key_value"])
+def test_the_cache_is_read_under_each_name(name):
+    f = read(input_ids=IDS[:, :1], **{name: _Cache(4)})
+    assert (f.batch, f.tokens, f.past) == (1, 1, 4)
+
+
+def test_positional_arguments_are_bound_by_name():
+    mask = torch.ones(1, 3, dtype=torch.long)
+    f = read(IDS, mask)
+    assert f.mask is mask and f.ids is IDS and f.past == 0
+
+
+def test_a_2d_mask_longer_than_the_new_tokens_gives_the_past():
+    f = read(input_ids=IDS[:, :1], attention_mask=torch.ones(1, 5, dtype=torch.long))
+    assert f.past == 4 and f.mask is not None
+
+
+def test_masks_that_are_not_2d_over_all_tokens_are_ignored():
+    four_d = torch.zeros(1, 1, 3, 3)
+    assert read(input_ids=IDS, attention_mask=four_d).mask is None
+    short = torch.ones(1, 2, dtype=torch.long)  # covers fewer tokens than cache + new
+    assert read(input_ids=IDS, attention_mask=short, past_key_values=_Cache(2)).mask is None
+
+
+def test_position_ids_and_embeds():
+    embeds = torch.zeros(2, 3, 8)
+    f = read(inputs_embeds=embeds, position_ids=torch.arange(3)[None])
+    assert (f.batch, f.tokens, f.ids) == (2, 3, None) and f.position_ids is not None
+
+
+def test_no_tokens_is_an_error():
+    with pytest.raises(PromptError, match="neither input_ids nor inputs_embeds"):
+        read(attention_mask=torch.ones(1, 3))
+
+
+def test_cache_length_of_legacy_tuples_and_unknown_objects():
+    legacy = ((torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 6, 4)),)
+    assert cache_length(legacy) == 6
+    assert cache_length(_Cache(3)) == 3
+    assert cache_length(None) is None and cache_length(object()) is None
