@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import actadd
-from actadd.engine import Engine, EngineClosed, Event, Job, QueueFull, Row
-from actadd.hooks import Injection, actadd_hooks
+from actadd.hooks import actadd_hooks
+from actadd.sampling import Sampling
+from actadd.serve.engine import Engine, EngineClosed, Event, Job, QueueFull, Row
 from actadd.sites import Site
+from actadd.steering import Injection
 
 
 class Collector:
@@ -74,9 +76,7 @@ def test_batched_rows_equal_solo_rows(engine: Engine, llama: actadd.LM) -> None:
                 ids(llama, "Sampled text"),
                 lh,
                 max_tokens=9,
-                temperature=1.0,
-                top_p=0.8,
-                freq_penalty=0.5,
+                sampling=Sampling(temperature=1.0, top_p=0.8, freq_penalty=0.5),
                 seed=s,
             )
             for s in (1, 2)
@@ -86,7 +86,7 @@ def test_batched_rows_equal_solo_rows(engine: Engine, llama: actadd.LM) -> None:
                 ids(llama, "The weather"),
                 (actadd.ActivationAddition(-3, 2, prompt="Rain"),),
                 max_tokens=7,
-                temperature=0.7,
+                sampling=Sampling(temperature=0.7),
                 seed=9,
             )
         ],
@@ -102,23 +102,38 @@ def test_batched_rows_equal_solo_rows(engine: Engine, llama: actadd.LM) -> None:
 
 def test_seeded_rows_match_the_library(engine: Engine, llama: actadd.LM) -> None:
     adds = list(actadd.get_x_vector("Love", "Hate", 5, 1))
-    c = run(engine, [[Row(ids(llama, "I hate you because"), tuple(adds), max_tokens=10,
-                          temperature=1.0, top_p=0.5, freq_penalty=1.0, seed=s)
-                      for s in (3, 4)]])[0]  # fmt: skip
+    sampling = Sampling(temperature=1.0, top_p=0.5, freq_penalty=1.0)
+    rows = [
+        Row(ids(llama, "I hate you because"), tuple(adds), max_tokens=10, sampling=sampling, seed=s)
+        for s in (3, 4)
+    ]
+    c = run(engine, [rows])[0]
     with engine.held():  # the model is ours until the block ends (no batch is running)
         df = actadd.gen_using_activation_additions(
-            llama, adds, ["I hate you because"] * 2, tokens_to_generate=10, seeds=[3, 4],
-            temperature=1.0, top_p=0.5, freq_penalty=1.0,
-        )  # fmt: skip
+            llama,
+            adds,
+            ["I hate you because"] * 2,
+            tokens_to_generate=10,
+            seeds=[3, 4],
+            temperature=1.0,
+            top_p=0.5,
+            freq_penalty=1.0,
+        )
     assert c.texts == list(df.completions)
 
 
-def test_locations_get_their_own_batches(engine: Engine, llama: actadd.LM) -> None:
+def test_rows_at_different_locations_share_a_batch(engine: Engine, llama: actadd.LM) -> None:
     a = (actadd.ActivationAddition(2, 1, prompt="ab"),)
-    run(engine, [[Row(ids(llama, "Hello you"), a, location="front", max_tokens=3)],
-                 [Row(ids(llama, "Hello you"), a, location="back", max_tokens=3)],
-                 [Row(ids(llama, "Plain"), (), max_tokens=3)]])  # fmt: skip
-    assert engine.stats["batches"] == 2 and engine.stats["max_rows"] == 2
+    jobs = [
+        [Row(ids(llama, "Hello you"), a, location="front", max_tokens=3)],
+        [Row(ids(llama, "Hello you"), a, location="back", max_tokens=3)],
+        [Row(ids(llama, "Plain"), (), max_tokens=3)],
+    ]
+    together = run(engine, jobs)
+    assert engine.stats["batches"] == 1 and engine.stats["max_rows"] == 3
+    alone = [run(engine, [rows])[0] for rows in jobs]
+    assert [c.texts for c in together] == [c.texts for c in alone]
+    assert together[0].texts != together[1].texts  # the two locations steer differently
 
 
 def test_stop_strings_end_a_row_and_are_not_emitted(engine: Engine, llama: actadd.LM) -> None:

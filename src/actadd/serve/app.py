@@ -14,7 +14,7 @@ Endpoints (JSON; errors in OpenAI's shape ``{"error": {message, type, param, cod
 ``GET  /``                       the playground (static files, no CDN)
 ===============================  ====================================================
 
-Concurrent requests are batched into shared ``generate`` calls by ``actadd.engine.Engine``
+Concurrent requests are batched into shared ``generate`` calls by ``actadd.serve.engine.Engine``
 (one model thread, per-row steering and seeds), so a response never depends on what else was
 in its batch. ``stream: true`` answers with server-sent events in OpenAI's chunk format,
 ending with ``data: [DONE]``.
@@ -43,25 +43,20 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from actadd.metrics import MissingDependencyError
-
-try:
-    from fastapi import APIRouter, Depends, FastAPI, Request
-except ImportError as e:  # the optional extra
-    raise MissingDependencyError(
-        f"{e}: the server needs FastAPI and uvicorn: pip install 'actadd[server]'"
-    ) from e
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from actadd.engine import Engine, EngineClosed, Event, Job, QueueFull, Row
 from actadd.errors import ActAddError
+from actadd.metrics import make_metric
 from actadd.model import LM
-from actadd.server_requests import RequestReader
-from actadd.server_schema import (
+from actadd.positions import LOCATIONS
+from actadd.serve.engine import Engine, EngineClosed, Event, Job, QueueFull, Row
+from actadd.serve.requests import RequestReader, Rows
+from actadd.serve.schema import (
     APIError,
     ChatRequest,
     CompletionRequest,
@@ -69,7 +64,8 @@ from actadd.server_schema import (
     SweepRequest,
     validation_error,
 )
-from actadd.server_vectors import VectorStore, check_name
+from actadd.serve.vectors import VectorStore, check_name
+from actadd.sites import KINDS
 
 __all__ = ["APIError", "Limits", "create_app", "serve"]
 
@@ -149,8 +145,9 @@ class _BodyLimit:
             if not msg.get("more_body"):
                 break
         if too_big:
-            err = APIError(413, f"request body is larger than {limit} bytes",
-                           param=None, code="body_too_large")  # fmt: skip
+            err = APIError(
+                413, f"request body is larger than {limit} bytes", param=None, code="body_too_large"
+            )
             await _error_response(err)(scope, receive, send)
             return
         body, sent = b"".join(chunks), False
@@ -210,9 +207,14 @@ def _sse(obj: Any) -> str:
 
 
 async def _stream(
-    job: Job, queue: asyncio.Queue[Event], *, chat: bool, head: dict[str, Any],
-    prompt_tokens: int, usage: bool,
-) -> StreamingResponse:  # fmt: skip
+    job: Job,
+    queue: asyncio.Queue[Event],
+    *,
+    chat: bool,
+    head: dict[str, Any],
+    prompt_tokens: int,
+    usage: bool,
+) -> StreamingResponse:
     """Wait until the job is running (errors before that are plain JSON errors), then stream."""
     try:
         first = await queue.get()
@@ -229,8 +231,7 @@ async def _stream(
                 delta = {"role": "assistant", "content": ""}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None,
-                      "finish_reason": reason}  # fmt: skip
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
         return _sse({**head, "choices": [choice]})
 
     async def events() -> AsyncIterator[str]:
@@ -267,8 +268,11 @@ async def _stream(
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}  # fmt: skip
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -290,7 +294,7 @@ def create_app(
         vectors_dir: a directory of ``*.safetensors`` steering vectors, loaded at start and
             where uploads are saved (None: uploads live in memory).
         api_key: if set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
-        limits: request limits (``actadd.server_schema.Limits``).
+        limits: request limits (``actadd.serve.Limits``).
         max_batch_rows: rows per batched ``generate`` call.
         batch_window: seconds the engine waits for more requests before a batch.
 
@@ -342,8 +346,16 @@ def create_app(
 class _State:
     """What the routes share (``app.state.actadd``)."""
 
-    def __init__(self, lm: LM, model_id: str, engine: Engine, store: VectorStore,
-                 reader: RequestReader, limits: Limits, api_key: str | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        lm: LM,
+        model_id: str,
+        engine: Engine,
+        store: VectorStore,
+        reader: RequestReader,
+        limits: Limits,
+        api_key: str | None,
+    ) -> None:
         self.lm, self.model_id, self.engine, self.store = lm, model_id, engine, store
         self.reader, self.limits, self.api_key = reader, limits, api_key
         self.created = int(time.time())
@@ -364,17 +376,23 @@ def _auth(api_key: str | None) -> Callable[[Request], None]:
             token.strip().encode(), api_key.encode()
         ):
             raise APIError(
-                401, "missing or wrong API key: send 'Authorization: Bearer <key>' (the key "
-                "given to `actadd serve --api-key`)", code="invalid_api_key",
-            )  # fmt: skip
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>' (the key "
+                "given to `actadd serve --api-key`)",
+                code="invalid_api_key",
+            )
 
     return check
 
 
 def _head(kind: str, model_id: str) -> dict[str, Any]:
     prefix = "chatcmpl" if kind.startswith("chat") else "cmpl"
-    return {"id": f"{prefix}-{uuid.uuid4().hex[:24]}", "object": kind,
-            "created": int(time.time()), "model": model_id}  # fmt: skip
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex[:24]}",
+        "object": kind,
+        "created": int(time.time()),
+        "model": model_id,
+    }
 
 
 def _routes(api: APIRouter, st: _State) -> None:
@@ -388,50 +406,52 @@ def _routes(api: APIRouter, st: _State) -> None:
     @api.get("/actadd/info")
     async def info() -> dict[str, Any]:
         return {
-            "model": st.model_id, "n_layers": lm.n_layers, "d_model": lm.d_model,
-            "sites": ["resid_pre", "resid_post", "attn_out", "mlp_out"],
-            "locations": ["front", "mid", "back", "all"], "limits": asdict(st.limits),
-            "vectors": sorted(st.store.vectors), "auth": st.api_key is not None,
+            "model": st.model_id,
+            "n_layers": lm.n_layers,
+            "d_model": lm.d_model,
+            "sites": list(KINDS),
+            "locations": list(LOCATIONS),
+            "limits": asdict(st.limits),
+            "vectors": sorted(st.store.vectors),
+            "auth": st.api_key is not None,
             "chat_template": bool(getattr(lm.tokenizer, "chat_template", None)),
-            "version": _version(), "engine": dict(st.engine.stats),
-        }  # fmt: skip
+            "version": _version(),
+            "engine": dict(st.engine.stats),
+        }
+
+    async def answer(
+        plan: Rows, req: CompletionRequest | ChatRequest, *, chat: bool
+    ) -> Response | dict[str, Any]:
+        """Queue a request's rows; stream its chunks, or wait and answer in one body."""
+        job, queue = _submit(st.engine, plan.rows)
+        kind = "chat.completion" if chat else "text_completion"
+        if req.stream:
+            head = _head(f"{kind}.chunk" if chat else kind, st.model_id)
+            usage = bool((req.stream_options or {}).get("include_usage"))
+            return await _stream(
+                job, queue, chat=chat, head=head, prompt_tokens=plan.prompt_tokens, usage=usage
+            )
+        texts, reasons, tokens = await _collect(job, queue)
+        choices = [
+            {"index": i, "logprobs": None, "finish_reason": r}
+            | ({"message": {"role": "assistant", "content": t}} if chat else {"text": t})
+            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return {
+            **_head(kind, st.model_id),
+            "choices": choices,
+            "usage": _usage(plan.prompt_tokens, sum(tokens)),
+            "steering": plan.steering,
+            "steering_location": req.steering_location,
+        }
 
     @api.post("/completions", response_model=None)
     async def completions(req: CompletionRequest) -> Response | dict[str, Any]:
-        plan = st.reader.completion(req)
-        job, queue = _submit(st.engine, plan.rows)
-        if req.stream:
-            head = _head("text_completion", st.model_id)
-            usage = bool((req.stream_options or {}).get("include_usage"))
-            return await _stream(job, queue, chat=False, head=head,
-                                 prompt_tokens=plan.prompt_tokens, usage=usage)  # fmt: skip
-        texts, reasons, tokens = await _collect(job, queue)
-        choices = [
-            {"text": t, "index": i, "logprobs": None, "finish_reason": r}
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-        ]
-        return {**_head("text_completion", st.model_id), "choices": choices,
-                "usage": _usage(plan.prompt_tokens, sum(tokens)), "steering": plan.steering,
-                "steering_location": req.steering_location}  # fmt: skip
+        return await answer(st.reader.completion(req), req, chat=False)
 
     @api.post("/chat/completions", response_model=None)
     async def chat(req: ChatRequest) -> Response | dict[str, Any]:
-        plan = st.reader.chat(req)
-        job, queue = _submit(st.engine, plan.rows)
-        if req.stream:
-            head = _head("chat.completion.chunk", st.model_id)
-            usage = bool((req.stream_options or {}).get("include_usage"))
-            return await _stream(job, queue, chat=True, head=head,
-                                 prompt_tokens=plan.prompt_tokens, usage=usage)  # fmt: skip
-        texts, reasons, tokens = await _collect(job, queue)
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": t}, "logprobs": None,
-             "finish_reason": r}
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
-        ]  # fmt: skip
-        return {**_head("chat.completion", st.model_id), "choices": choices,
-                "usage": _usage(plan.prompt_tokens, sum(tokens)), "steering": plan.steering,
-                "steering_location": req.steering_location}  # fmt: skip
+        return await answer(st.reader.chat(req), req, chat=True)
 
     @api.get("/vectors")
     async def list_vectors() -> dict[str, Any]:
@@ -442,8 +462,11 @@ def _routes(api: APIRouter, st: _State) -> None:
         check_name(name)
         data = await request.body()
         if not data:
-            raise APIError(400, "empty body: send the .safetensors file (SteeringVector.save) "
-                           "as the request body", param="body")  # fmt: skip
+            raise APIError(
+                400,
+                "empty body: send the .safetensors file (SteeringVector.save) as the request body",
+                param="body",
+            )
         _, created = await asyncio.to_thread(st.store.put, name, data)
         return JSONResponse(st.store.describe(name), status_code=201 if created else 200)
 
@@ -464,22 +487,25 @@ def _routes(api: APIRouter, st: _State) -> None:
         series = []
         for si, label in enumerate(plan.labels):
             firsts = [plan.first[si, ci] for ci in range(len(req.coeffs))]
-            series.append({
-                "label": label,
-                "values": [sum(scores[i : i + req.n]) / req.n for i in firsts],
-                "samples": [texts[i : i + req.n] for i in firsts],
-            })  # fmt: skip
-        return {"object": "actadd.sweep", "metric": req.metric, "coeffs": req.coeffs,
-                "series": series, "completions": len(plan.rows),
-                "seconds": round(seconds, 3)}  # fmt: skip
+            series.append(
+                {
+                    "label": label,
+                    "values": [sum(scores[i : i + req.n]) / req.n for i in firsts],
+                    "samples": [texts[i : i + req.n] for i in firsts],
+                }
+            )
+        return {
+            "object": "actadd.sweep",
+            "metric": req.metric,
+            "coeffs": req.coeffs,
+            "series": series,
+            "completions": len(plan.rows),
+            "seconds": round(seconds, 3),
+        }
 
 
 def _score(texts: list[str], metric: str, words: list[str]) -> list[float]:
-    from actadd.metrics import sentiment, word_count
-
-    if metric == "sentiment":
-        return [float(x) for x in sentiment(texts)]
-    return [float(x) for x in word_count(texts, words)]
+    return [float(x) for x in make_metric(metric, words=words)(texts)]
 
 
 def serve(

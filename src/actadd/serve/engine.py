@@ -2,14 +2,14 @@
 
 Requests arrive as ``Job`` objects holding one or more rows (a prompt, its additions, its
 sampling settings and length). A single worker thread owns the model: it waits a short batching
-window, takes the waiting rows that can share a forward pass (rows steered at one
-``addition_location``, plus any unsteered rows), and runs them as one ``generate`` call under
-``steer(lm, [row0_additions, row1_additions, ...])``: the one hook mechanism, one list per row.
+window, takes the waiting rows, and runs them as one ``generate`` call under
+``steer(lm, [row0_additions, row1_additions, ...], addition_location=[row0_location, ...])``:
+the one hook mechanism, one list of additions and one location per row.
 
 A row's output never depends on the rest of its batch: positions are logical (left padding
 does not move additions), sampling uses one seeded random stream per row (``RowSeededSampler``),
 and the other per-row settings (temperature, top-p, frequency penalty) are applied to each
-group of rows that shares them, with the processors of ``sampling_processors``.
+group of rows that shares them (``actadd.sampling.row_processors``).
 
 Streaming: a ``StoppingCriteria`` (``_RowTracker``) is called once per decoding step with the
 batch's token ids. It decodes each row's new token, hands the text delta to the row's job and
@@ -26,25 +26,19 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from actadd.errors import ActAddError, PromptError
-from actadd.generation import sampling_processors
-from actadd.hooks import Injection, steer
+from actadd.errors import ActAddError
 from actadd.model import LM
+from actadd.sampling import GREEDY, Sampling, row_processors
+from actadd.steering import Injection, injected, steer, validate_injections
 
 __all__ = ["Engine", "EngineClosed", "Event", "Job", "QueueFull", "Row"]
 
@@ -67,20 +61,19 @@ class Row:
         ids: prompt token ids (already tokenized, non-empty).
         additions: steerables (``ActivationAddition``, ``SteeringVector``, ...); empty =
             unsteered.
-        location: ``addition_location`` of the additions (``front``, ``mid``, ``back``, ``all``).
+        location: where the additions land (``front``, ``mid``, ``back``, ``all``; None: each
+            addition's own default).
         max_tokens: new tokens at most.
-        temperature, top_p, freq_penalty: sampling settings (``temperature=0`` is greedy).
+        sampling: temperature, top-p and frequency penalty (``temperature=0`` is greedy).
         seed: the row's own random stream (sampling only).
         stop: strings that end the completion (not included in it).
     """
 
     ids: tuple[int, ...]
     additions: tuple[Any, ...] = ()
-    location: str = "front"
+    location: str | None = None
     max_tokens: int = 16
-    temperature: float = 0.0
-    top_p: float = 1.0
-    freq_penalty: float = 0.0
+    sampling: Sampling = GREEDY
     seed: int = 0
     stop: tuple[str, ...] = ()
 
@@ -132,20 +125,6 @@ class _Fixed:
 
     def injections(self, lm: LM) -> list[Injection]:
         return self._inj
-
-
-class _RowGroups(LogitsProcessor):
-    """Each group of rows through its own ``sampling_processors`` (row-wise, so batch-free)."""
-
-    def __init__(self, groups: list[tuple[Tensor, LogitsProcessorList]]) -> None:
-        self.groups = groups
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        out = scores.clone()  # [B, V]
-        for idx, procs in self.groups:
-            if len(procs):
-                out[idx] = procs(input_ids[idx], scores[idx]).to(out.dtype)  # type: ignore[arg-type]
-        return out
 
 
 @dataclass
@@ -258,8 +237,13 @@ class Engine:
         self.busy = False
         self.eos = _eos_ids(lm)
         self._tracker: _RowTracker | None = None  # of the batch under way
-        self.stats = {"batches": 0, "rows": 0, "max_rows": 0, "multi_job_batches": 0,
-                      "cancelled_rows": 0}  # fmt: skip
+        self.stats = {
+            "batches": 0,
+            "rows": 0,
+            "max_rows": 0,
+            "multi_job_batches": 0,
+            "cancelled_rows": 0,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -336,8 +320,12 @@ class Engine:
             jobs = list(dict.fromkeys(job for job, _ in batch))
             tracker = self._tracker
             if split and len(jobs) > 1 and (tracker is None or tracker.steps == 0):
-                log.warning("a batch of %d requests failed before its first token (%r); "
-                            "running them one by one", len(jobs), e)  # fmt: skip
+                log.warning(
+                    "a batch of %d requests failed before its first token (%r); "
+                    "running them one by one",
+                    len(jobs),
+                    e,
+                )
                 for job in jobs:
                     self._guarded([(j, i) for j, i in batch if j is job], split=False)
                 return
@@ -360,19 +348,14 @@ class Engine:
             return self._select()
 
     def _select(self) -> list[tuple[Job, int]]:
-        """The first waiting rows that share a location (unsteered rows fit any batch)."""
-        location: str | None = None
+        """The first waiting rows (each row keeps its own steering and location)."""
         batch: list[tuple[Job, int]] = []
         rest: deque[tuple[Job, int]] = deque()
         for job, i in self._pending:
             if job.cancelled or job.failed:
                 continue
-            row = job.rows[i]
-            fits = not row.additions or location in (None, row.location)
-            if fits and len(batch) < self.max_batch_rows:
+            if len(batch) < self.max_batch_rows:
                 batch.append((job, i))
-                if row.additions:
-                    location = row.location
             else:
                 rest.append((job, i))
         self._pending = rest
@@ -382,20 +365,9 @@ class Engine:
         key = id(row.additions)
         if key not in job.injections:
             inj = [i for a in row.additions for i in a.injections(self.lm)]
-            for i in inj:  # what Steering would reject for the whole batch, rejected per job
-                if i.tensor.ndim != 2 or i.tensor.shape[1] != self.lm.d_model:
-                    raise ActAddError(
-                        f"an addition at {i.site} has shape {tuple(i.tensor.shape)}; this "
-                        f"model needs [positions, {self.lm.d_model}]"
-                    )
-                if not torch.isfinite(i.tensor).all():
-                    raise ActAddError(f"an addition at {i.site} has NaN or inf values")
-            need = max((i.tensor.shape[0] for i in inj), default=0)
-            if row.location != "all" and need > len(row.ids):
-                raise PromptError(
-                    f"the prompt has {len(row.ids)} tokens but an addition has {need}: use a "
-                    "longer prompt, shorter steering prompts, or steering_location 'all'"
-                )
+            # what Steering would reject for the whole batch, rejected for this job alone
+            validate_injections(inj, self.lm.d_model)
+            injected(inj, len(row.ids), row.location)  # a prompt shorter than an addition
             job.injections[key] = inj
         return job.injections[key]
 
@@ -427,8 +399,10 @@ class Engine:
         if len({id(s.job) for s in states}) > 1:
             self.stats["multi_job_batches"] += 1
         specs = [s.row for s in states]
-        ids, mask = self._pad([s.ids for s in specs])
-        location = next((s.location for s in specs if s.additions), "front")
+        ids, mask = self.lm.pad([s.ids for s in specs])
+        start = (mask == 0).sum(-1)  # [B] first real token of each row
+        seeds = [s.seed for s in specs]
+        procs = row_processors([s.sampling for s in specs], seeds, start, self.lm.device)
         tracker = self._tracker = _RowTracker(self.lm, states, self.eos)
         config = GenerationConfig(
             max_new_tokens=max(s.max_tokens for s in specs),
@@ -436,41 +410,17 @@ class Engine:
             pad_token_id=self.lm.pad_token_id,
             eos_token_id=sorted(self.eos) or None,
         )
-        log.info("batch: %d rows from %d jobs, %s", len(states),
-                 len({id(s.job) for s in states}), location)  # fmt: skip
-        with steer(self.lm, rows, addition_location=location):
+        log.info("batch: %d rows from %d jobs", len(states), len({id(s.job) for s in states}))
+        with steer(self.lm, rows, addition_location=[s.location for s in specs]):
             self.lm.model.generate(  # type: ignore[operator]
-                input_ids=ids, attention_mask=mask, generation_config=config,
-                logits_processor=LogitsProcessorList([self._processors(specs, mask)]),
+                input_ids=ids,
+                attention_mask=mask,
+                generation_config=config,
+                logits_processor=procs,
                 stopping_criteria=StoppingCriteriaList([tracker]),
-            )  # fmt: skip
+            )
         tracker.finish_all()
         self.stats["cancelled_rows"] += sum(st.reason == "cancelled" for st in states)
-
-    def _pad(self, rows: Sequence[tuple[int, ...]]) -> tuple[Tensor, Tensor]:
-        width = max(len(r) for r in rows)
-        pad = self.lm.pad_token_id
-        ids = [[pad] * (width - len(r)) + list(r) for r in rows]
-        mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-        dev = self.lm.device
-        return torch.tensor(ids, device=dev), torch.tensor(mask, device=dev)  # [B, T] each
-
-    def _processors(self, specs: list[Row], mask: Tensor) -> _RowGroups:
-        start = (mask == 0).sum(-1)  # [B] first real token of each row
-        groups: dict[tuple[float, float, float], list[int]] = {}
-        for b, s in enumerate(specs):
-            key = (s.temperature, s.top_p if s.temperature > 0 else 1.0, s.freq_penalty)
-            groups.setdefault(key, []).append(b)
-        out = []
-        for (temperature, top_p, penalty), members in groups.items():
-            idx = torch.tensor(members, device=mask.device)
-            procs = sampling_processors(
-                seeds=[specs[b].seed for b in members] if temperature > 0 else None,
-                temperature=temperature, top_p=top_p, freq_penalty=penalty,
-                start=start[idx], device=self.lm.device,
-            )  # fmt: skip
-            out.append((idx, procs))
-        return _RowGroups(out)
 
 
 def _eos_ids(lm: LM) -> set[int]:

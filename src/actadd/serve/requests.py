@@ -13,10 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from actadd.additions import ActivationAddition, get_x_vector
-from actadd.engine import Row
 from actadd.errors import ActAddError
 from actadd.model import LM
-from actadd.server_schema import (
+from actadd.sampling import Sampling
+from actadd.serve.engine import Row
+from actadd.serve.schema import (
     APIError,
     ChatMessage,
     ChatRequest,
@@ -25,7 +26,7 @@ from actadd.server_schema import (
     SteeringSpec,
     SweepRequest,
 )
-from actadd.server_vectors import VectorStore
+from actadd.serve.vectors import VectorStore
 from actadd.sites import get_act_name, parse_site
 
 __all__ = ["RequestReader", "Rows", "SweepPlan"]
@@ -82,11 +83,12 @@ class RequestReader:
         adds, described = self.steering(req.steering)
         seeds = self._seeds(req.seed, len(prompts) * req.n)
         stop = self._stop(req.stop)
+        sampling = self.sampling(req.temperature, req.top_p, req.frequency_penalty)
         rows = [
-            Row(p, adds, req.steering_location, max_tokens, req.temperature, req.top_p,
-                req.frequency_penalty, seeds[k * req.n + j], stop)
-            for k, p in enumerate(ids) for j in range(req.n)
-        ]  # fmt: skip
+            Row(p, adds, req.steering_location, max_tokens, sampling, seeds[k * req.n + j], stop)
+            for k, p in enumerate(ids)
+            for j in range(req.n)
+        ]
         return Rows(rows, sum(len(p) for p in ids), described)
 
     def chat(self, req: ChatRequest) -> Rows:
@@ -103,11 +105,11 @@ class RequestReader:
         adds, described = self.steering(req.steering)
         seeds = self._seeds(req.seed, req.n)
         stop = self._stop(req.stop)
+        sampling = self.sampling(req.temperature, req.top_p, req.frequency_penalty)
         rows = [
-            Row(ids, adds, req.steering_location, max_tokens, req.temperature, req.top_p,
-                req.frequency_penalty, seeds[j], stop)
+            Row(ids, adds, req.steering_location, max_tokens, sampling, seeds[j], stop)
             for j in range(req.n)
-        ]  # fmt: skip
+        ]
         return Rows(rows, len(ids), described)
 
     def sweep(self, req: SweepRequest) -> SweepPlan:
@@ -134,17 +136,23 @@ class RequestReader:
                 adds: tuple[Any, ...] = ()
                 if c != 0:
                     layer = None if req.vector is not None else req.layers[si]
-                    spec = SteeringSpec(add=req.add, sub=req.sub, vector=req.vector, coeff=c,
-                                        site=req.site, layer=layer)  # fmt: skip
+                    spec = SteeringSpec(
+                        add=req.add,
+                        sub=req.sub,
+                        vector=req.vector,
+                        coeff=c,
+                        site=req.site,
+                        layer=layer,
+                    )
                     adds = tuple(self.steerables(spec, "coeffs"))
                 first[si, ci] = len(rows)
                 if c == 0:
                     unsteered = len(rows)
+                sampling = self.sampling(req.temperature, req.top_p, req.frequency_penalty)
                 rows += [
-                    Row(ids, adds, req.location, max_tokens, req.temperature, req.top_p,
-                        req.frequency_penalty, req.seed + j)
+                    Row(ids, adds, req.location, max_tokens, sampling, req.seed + j)
                     for j in range(req.n)
-                ]  # fmt: skip
+                ]
         return SweepPlan(rows, labels, first)
 
     # -- parts -----------------------------------------------------------------------------------
@@ -163,9 +171,10 @@ class RequestReader:
                 for part in content:
                     if part.get("type") != "text" or not isinstance(part.get("text"), str):
                         raise APIError(
-                            400, "only text content parts are supported",
+                            400,
+                            "only text content parts are supported",
                             param=f"messages[{i}].content",
-                        )  # fmt: skip
+                        )
                     parts.append(part["text"])
                 content = "".join(parts)
             role = "system" if m.role == "developer" else m.role
@@ -188,9 +197,11 @@ class RequestReader:
         """Steerables for a request's ``steering`` list, and their descriptions."""
         if len(specs) > self.limits.max_additions:
             raise APIError(
-                400, f"{len(specs)} steering entries; at most {self.limits.max_additions}",
-                param="steering", code="too_many_additions",
-            )  # fmt: skip
+                400,
+                f"{len(specs)} steering entries; at most {self.limits.max_additions}",
+                param="steering",
+                code="too_many_additions",
+            )
         adds: list[Any] = []
         for i, s in enumerate(specs):
             adds.extend(self.steerables(s, f"steering[{i}]"))
@@ -200,9 +211,11 @@ class RequestReader:
         """``ActivationAddition`` objects (one, or an x-vector pair) or a stored vector."""
         if s.coeff is not None and abs(s.coeff) > self.limits.max_coeff:
             raise APIError(
-                400, f"coeff {s.coeff} is beyond ±{self.limits.max_coeff}",
-                param=f"{param}.coeff", code="coeff_out_of_range",
-            )  # fmt: skip
+                400,
+                f"coeff {s.coeff} is beyond ±{self.limits.max_coeff}",
+                param=f"{param}.coeff",
+                code="coeff_out_of_range",
+            )
         if s.vector is not None:
             v = self.store.get(s.vector, f"{param}.vector")
             return [v if s.coeff is None else v.with_coeff(s.coeff)]
@@ -223,51 +236,74 @@ class RequestReader:
                 return [ActivationAddition(coeff, act_name, prompt=s.prompt or s.add)]
             kw: dict[str, Any] = {}
             if s.pad:
-                kw = {"pad_method": "tokens_right", "model": self.lm,
-                      "custom_pad_id": self.lm.to_single_token(" ")}  # fmt: skip
+                kw = {
+                    "pad_method": "tokens_right",
+                    "model": self.lm,
+                    "custom_pad_id": self.lm.to_single_token(" "),
+                }
             return list(get_x_vector(s.add or "", s.sub, coeff, act_name, **kw))
         except ActAddError as e:
             raise APIError(400, str(e), param=param) from e
 
     # -- checks ----------------------------------------------------------------------------------
+    @staticmethod
+    def sampling(temperature: float, top_p: float, frequency_penalty: float) -> Sampling:
+        try:
+            return Sampling(temperature, top_p, 0, frequency_penalty)
+        except ActAddError as e:
+            raise APIError(400, str(e), param="temperature") from e
+
     def _model(self, model: str | None) -> None:
         if model not in (None, "", self.model_id):
             raise APIError(
-                404, f"model {model!r} is not served here; this server serves "
-                f"{self.model_id!r} (GET /v1/models)", param="model", code="model_not_found",
-            )  # fmt: skip
+                404,
+                f"model {model!r} is not served here; this server serves "
+                f"{self.model_id!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     def _fits(self, ids: list[int], max_tokens: int, param: str) -> tuple[int, ...]:
         limit = min(self.limits.max_prompt_tokens, self.context - max_tokens)
         if len(ids) > limit:
             raise APIError(
-                400, f"the prompt has {len(ids)} tokens; this server takes at most {limit} "
+                400,
+                f"the prompt has {len(ids)} tokens; this server takes at most {limit} "
                 f"(max_prompt_tokens={self.limits.max_prompt_tokens}, context {self.context} "
-                f"minus max_tokens {max_tokens})", param=param, code="context_length_exceeded",
-            )  # fmt: skip
+                f"minus max_tokens {max_tokens})",
+                param=param,
+                code="context_length_exceeded",
+            )
         return tuple(ids)
 
     def _max_tokens(self, asked: int | None, default: int, param: str) -> int:
         n = default if asked is None else asked
         if n > self.limits.max_tokens:
             raise APIError(
-                400, f"{param} is {n}; this server allows at most {self.limits.max_tokens}",
-                param=param, code="max_tokens_too_large",
-            )  # fmt: skip
+                400,
+                f"{param} is {n}; this server allows at most {self.limits.max_tokens}",
+                param=param,
+                code="max_tokens_too_large",
+            )
         return n
 
     def _sampling(self, req: CompletionRequest | ChatRequest, rows: int) -> None:
         if req.n > self.limits.max_n:
-            raise APIError(400, f"n is {req.n}; at most {self.limits.max_n}", param="n",
-                           code="n_too_large")  # fmt: skip
+            raise APIError(
+                400, f"n is {req.n}; at most {self.limits.max_n}", param="n", code="n_too_large"
+            )
         if rows > self.limits.max_rows:
             raise APIError(
-                400, f"{rows} completions (prompts × n); at most {self.limits.max_rows}",
+                400,
+                f"{rows} completions (prompts × n); at most {self.limits.max_rows}",
                 param="n",
-            )  # fmt: skip
+            )
         if req.presence_penalty:
-            raise APIError(400, "presence_penalty is not supported; use frequency_penalty",
-                           param="presence_penalty")  # fmt: skip
+            raise APIError(
+                400,
+                "presence_penalty is not supported; use frequency_penalty",
+                param="presence_penalty",
+            )
         if req.logit_bias:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if req.logprobs:

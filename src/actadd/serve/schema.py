@@ -9,7 +9,14 @@
   at its own sites, with ``coeff`` replacing its coefficient when given;
 
 with an optional ``"site"`` (``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out``). All
-entries of a request share ``steering_location`` (``front``, ``mid``, ``back`` or ``all``).
+entries of a request share ``steering_location`` (``front``, ``mid``, ``back`` or ``all``); when
+it is not given each entry lands at its own default (``front`` for prompt additions, ``all`` for
+stored vectors), as in the Python API.
+
+Names follow the Python API (``actadd.positions.LOCATIONS``, ``actadd.sites.KINDS``,
+``actadd.metrics.METRICS``) except where OpenAI's request shape fixes them: the location is
+``steering_location`` (Python: ``addition_location``) and the penalty ``frequency_penalty``
+(Python: ``freq_penalty``).
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from actadd.metrics import METRICS
+from actadd.positions import LOCATIONS
+from actadd.sites import KINDS
 
 __all__ = [
     "APIError",
@@ -30,8 +41,10 @@ __all__ = [
     "validation_error",
 ]
 
-SiteKind = Literal["resid_pre", "resid_post", "attn_out", "mlp_out"]
-Location = Literal["front", "mid", "back", "all"]
+# the core's names, not copies: a location or site added there is accepted here
+SiteKind = Literal[KINDS]  # type: ignore[valid-type]
+Location = Literal[LOCATIONS]  # type: ignore[valid-type]
+MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
@@ -49,16 +62,22 @@ class APIError(Exception):
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
-            status, message, type, param, code,
-        )  # fmt: skip
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
 
     def body(self) -> dict[str, Any]:
         return {
             "error": {
-                "message": self.message, "type": self.type, "param": self.param,
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
                 "code": self.code,
             }
-        }  # fmt: skip
+        }
 
 
 @dataclass(frozen=True)
@@ -127,7 +146,7 @@ class _Sampling(_Strict):
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     steering: list[SteeringSpec] = Field(default_factory=list)
-    steering_location: Location = "front"
+    steering_location: Location | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -171,8 +190,8 @@ class SweepRequest(_Strict):
     layers: list[int] = Field(default_factory=lambda: [6], min_length=1, max_length=8)
     coeffs: list[FiniteFloat] = Field(min_length=1, max_length=21)
     site: SiteKind = "resid_pre"
-    location: Location = "front"
-    metric: Literal["sentiment", "word_count"] = "sentiment"
+    location: Location | None = None
+    metric: MetricName = "sentiment"  # type: ignore[valid-type]
     words: list[str] | None = None
     n: int = Field(2, ge=1, le=16)
     max_tokens: int = Field(24, ge=1)
@@ -185,8 +204,10 @@ class SweepRequest(_Strict):
     def _what(self) -> SweepRequest:
         if (self.add is None) == (self.vector is None):
             raise ValueError('give "add" (with optional "sub") or "vector"')
-        if self.metric == "word_count" and not self.words:
-            raise ValueError('metric "word_count" needs "words", e.g. ["love", "loving"]')
+        if METRICS[self.metric].needs == "words" and not self.words:
+            raise ValueError(f'metric "{self.metric}" needs "words", e.g. ["love", "loving"]')
+        if METRICS[self.metric].needs == "target":
+            raise ValueError(f'metric "{self.metric}" is not available in the playground sweep')
         return self
 
 
@@ -210,6 +231,8 @@ def validation_error(errors: list[Any]) -> APIError:
         msgs.append(f"{where}: {msg}" if where else msg)
     more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
     return APIError(
-        400, "; ".join(msgs) + more, param=error_param(tuple(first.get("loc", ()))),
+        400,
+        "; ".join(msgs) + more,
+        param=error_param(tuple(first.get("loc", ()))),
         code=str(first.get("type")),
-    )  # fmt: skip
+    )

@@ -16,7 +16,8 @@ from typing import Any
 
 from actadd.errors import ActAddError
 from actadd.model import LM
-from actadd.server_schema import APIError, Limits
+from actadd.serve.schema import APIError, Limits
+from actadd.vectors import SteeringVector
 
 __all__ = ["VectorStore"]
 
@@ -45,8 +46,6 @@ class VectorStore:
         self.dir = Path(directory) if directory is not None else None
         self.vectors: dict[str, Any] = {}
         if self.dir is not None:
-            from actadd.vectors import SteeringVector
-
             self.dir.mkdir(parents=True, exist_ok=True)
             for path in sorted(self.dir.glob("*.safetensors")):
                 if not path.name.startswith("."):  # skip unfinished uploads
@@ -58,21 +57,23 @@ class VectorStore:
         if v is None:
             known = ", ".join(sorted(self.vectors)) or "none yet"
             raise APIError(
-                400, f"unknown steering vector {name!r} (stored: {known}); upload it with "
-                "PUT /v1/vectors/{name}", param=param, code="unknown_vector",
-            )  # fmt: skip
+                400,
+                f"unknown steering vector {name!r} (stored: {known}); upload it with "
+                "PUT /v1/vectors/{name}",
+                param=param,
+                code="unknown_vector",
+            )
         return v
 
     def put(self, name: str, data: bytes) -> tuple[Any, bool]:
         """Check ``data`` (a ``SteeringVector.save`` file) and store it: ``(vector, created)``."""
-        from actadd.vectors import SteeringVector
-
         check_name(name)
         if name not in self.vectors and len(self.vectors) >= self.limits.max_vectors:
             raise APIError(
-                400, f"{len(self.vectors)} vectors are stored, the limit: delete one first",
+                400,
+                f"{len(self.vectors)} vectors are stored, the limit: delete one first",
                 code="too_many_vectors",
-            )  # fmt: skip
+            )
         fd, tmp = tempfile.mkstemp(prefix=".upload-", suffix=".safetensors", dir=self.dir)
         try:
             with os.fdopen(fd, "wb") as f:
@@ -93,24 +94,33 @@ class VectorStore:
 
     def delete(self, name: str) -> None:
         if self.vectors.pop(name, None) is None:
-            raise APIError(404, f"no steering vector named {name!r}", param="name",
-                           code="unknown_vector")  # fmt: skip
+            raise APIError(
+                404, f"no steering vector named {name!r}", param="name", code="unknown_vector"
+            )
         if self.dir is not None:
             (self.dir / f"{name}.safetensors").unlink(missing_ok=True)
 
     def describe(self, name: str) -> dict[str, Any]:
         v = self.vectors[name]
         return {
-            "id": name, "object": "steering_vector", "sites": v.sites, "coeff": v.coeff,
-            "d_model": v.d_model, "norms": v.norms(), "description": v.describe(),
+            "id": name,
+            "object": "steering_vector",
+            "sites": v.sites,
+            "coeff": v.coeff,
+            "d_model": v.d_model,
+            "norms": v.norms(),
+            "description": v.describe(),
             "meta": json.loads(json.dumps(dict(v.meta), default=str)),
-        }  # fmt: skip
+        }
 
 
 def check_name(name: str) -> None:
     """Vector names are file names: letters, digits, ``_``, ``-``, ``.``; at most 64."""
     if not _NAME_RE.match(name):
         raise APIError(
-            400, f"bad vector name {name!r}: use letters, digits, '_', '-', '.' (up to 64, "
-            "starting with a letter or digit)", param="name", code="invalid_name",
-        )  # fmt: skip
+            400,
+            f"bad vector name {name!r}: use letters, digits, '_', '-', '.' (up to 64, "
+            "starting with a letter or digit)",
+            param="name",
+            code="invalid_name",
+        )

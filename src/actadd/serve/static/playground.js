@@ -151,7 +151,11 @@ function requestBody(withSteering) {
     stream: true,
   };
   if (chat) body.messages = [{ role: "user", content: prompt }]; else body.prompt = prompt;
-  if (withSteering) { body.steering = steering(); body.steering_location = $("#location").value; }
+  if (withSteering) {
+    body.steering = steering();
+    // empty: each entry lands at its own default (prompt additions front, vectors every token)
+    if ($("#location").value) body.steering_location = $("#location").value;
+  }
   return [chat ? "/v1/chat/completions" : "/v1/completions", body];
 }
 
@@ -191,7 +195,7 @@ async function compare() {
   const [path, steeredBody] = requestBody(true);
   const [, plainBody] = requestBody(false);
   if (!steeredBody.steering.length) { $("#status").textContent = "add a steering row first"; return; }
-  $("#steer-desc").textContent = steeredBody.steering.map(describe).join(" + ") + ` · ${steeredBody.steering_location}`;
+  $("#steer-desc").textContent = steeredBody.steering.map(describe).join(" + ") + ` · ${steeredBody.steering_location || "default location"}`;
   $("#curl").textContent = curl(path, { ...steeredBody, stream: false });
   button.disabled = true;
   $("#status").textContent = "generating…";
@@ -219,11 +223,11 @@ async function sweep() {
     metric: $("#sw-metric").value,
     n: parseInt($("#sw-n").value, 10),
     max_tokens: parseInt($("#sw-max-tokens").value, 10),
-    location: $("#sw-location").value,
+    location: $("#sw-location").value || undefined,
     seed: parseInt($("#seed").value, 10) || 0,
   };
   if ($("#sw-sub").value) body.sub = $("#sw-sub").value;
-  if (body.metric === "word_count") body.words = $("#sw-words").value.split(",").map((w) => w.trim()).filter(Boolean);
+  if (body.metric === "words") body.words = $("#sw-words").value.split(",").map((w) => w.trim()).filter(Boolean);
   const button = $("#sweep");
   button.disabled = true;
   $("#sw-status").textContent = "generating…";
