@@ -10,20 +10,15 @@ from typer.testing import CliRunner
 
 import actadd
 from actadd.cli import app
-from conftest import build_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    lm = build_tiny("gpt2", dtype=__import__("torch").float32)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+def model_dir(tiny_dir):
+    return tiny_dir("gpt2")
 
 
-def test_load_model_from_local_dir(tiny_dir):
-    lm = actadd.load_model(str(tiny_dir), device="cpu")
+def test_load_model_from_local_dir(model_dir):
+    lm = actadd.load_model(str(model_dir), device="cpu")
     assert lm.n_layers == 3 and lm.prepend_bos
     assert not any(p.requires_grad for p in lm.model.parameters())
 
@@ -35,13 +30,13 @@ def test_load_model_errors(tmp_path):
         actadd.load_model(str(tmp_path / "not-a-model"))
 
 
-def test_compare_command(tiny_dir):
+def test_compare_command(model_dir):
     result = CliRunner().invoke(
         app,
         [
             "compare",
             "--model",
-            str(tiny_dir),
+            str(model_dir),
             "--prompt",
             "hello there",
             "--add",
@@ -62,9 +57,9 @@ def test_compare_command(tiny_dir):
     assert "unsteered" in result.output and "blocks.1.hook_resid_pre" in result.output
 
 
-def test_compare_command_bad_input_is_a_clean_error(tiny_dir):
+def test_compare_command_bad_input_is_a_clean_error(model_dir):
     result = CliRunner().invoke(
-        app, ["compare", "--model", str(tiny_dir), "--layer", "99", "--tokens", "2"]
+        app, ["compare", "--model", str(model_dir), "--layer", "99", "--tokens", "2"]
     )
     assert result.exit_code == 2
     assert "out of range" in result.output and "Traceback" not in result.output

@@ -4,30 +4,48 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from actadd.cli import app
-from conftest import build_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = build_tiny("llama", dtype=torch.float32)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+def model_dir(tiny_dir):
+    return tiny_dir("llama")
 
 
-def test_sweep_writes_rows_summary_plots_and_prints_the_best(tiny_dir, tmp_path):
+def test_sweep_writes_rows_summary_plots_and_prints_the_best(model_dir, tmp_path):
     out = tmp_path / "res"
     result = CliRunner().invoke(
         app,
-        ["sweep", "--model", str(tiny_dir), "--prompt", "hello there friend", "--add", "ab",
-         "--sub", "cd", "--layers", "0,2", "--coeffs", "1,4", "--metric", "words", "--words",
-         "e,a", "--metric", "sentiment", "--n", "3", "--tokens", "5", "--out", str(out)],
-    )  # fmt: skip
+        [
+            "sweep",
+            "--model",
+            str(model_dir),
+            "--prompt",
+            "hello there friend",
+            "--add",
+            "ab",
+            "--sub",
+            "cd",
+            "--layers",
+            "0,2",
+            "--coeffs",
+            "1,4",
+            "--metric",
+            "words",
+            "--words",
+            "e,a",
+            "--metric",
+            "sentiment",
+            "--n",
+            "3",
+            "--tokens",
+            "5",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "best configurations by words" in result.output and "unsteered" in result.output
     rows = pd.read_csv(out / "rows.csv")
@@ -41,11 +59,11 @@ def test_sweep_writes_rows_summary_plots_and_prints_the_best(tiny_dir, tmp_path)
             assert (out / f"{name}.{ext}").stat().st_size > 1000, name
 
 
-def test_sweep_rejects_bad_options(tiny_dir, tmp_path):
+def test_sweep_rejects_bad_options(model_dir, tmp_path):
     runner = CliRunner()
-    bad = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--metric", "joy"])
+    bad = runner.invoke(app, ["sweep", "--model", str(model_dir), "--metric", "joy"])
     assert bad.exit_code == 2 and "unknown metric" in bad.output
-    words = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--metric", "words"])
+    words = runner.invoke(app, ["sweep", "--model", str(model_dir), "--metric", "words"])
     assert words.exit_code == 2 and "--words" in words.output
-    layers = runner.invoke(app, ["sweep", "--model", str(tiny_dir), "--layers", "two"])
+    layers = runner.invoke(app, ["sweep", "--model", str(model_dir), "--layers", "two"])
     assert layers.exit_code != 0

@@ -5,24 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 import actadd
 from actadd import SteeringVector
 from actadd.cli import app
-from conftest import build_tiny
 
 PAIRS = [("good day", "bad day"), ("nice cat", "mean cat"), ("I win", "I lose")]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    lm = build_tiny("llama", dtype=torch.float32)
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
+def model_dir(tiny_dir):
+    return tiny_dir("llama")
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +32,12 @@ def run(*args: str) -> str:
     return result.output
 
 
-def test_make_show_export_and_compare(tiny_dir, pairs_file, tmp_path):
+def test_make_show_export_and_compare(model_dir, pairs_file, tmp_path):
     out = tmp_path / "v.safetensors"
-    text = run("vector", "make", "--model", str(tiny_dir), "--pairs", str(pairs_file),
-               "--layers", "1-2", "--method", "pca", "--coeff", "2", "--out", str(out))  # fmt: skip
+    make = ["vector", "make", "--model", str(model_dir), "--pairs", str(pairs_file)]
+    text = run(*make, "--layers", "1-2", "--method", "pca", "--coeff", "2", "--out", str(out))
     assert "blocks.2.hook_resid_pre" in text and out.exists()
-    lm = actadd.load_model(str(tiny_dir), device="cpu")
+    lm = actadd.load_model(str(model_dir), device="cpu")
     v = SteeringVector.load(out, lm)
     assert v.sites == ["blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre"] and v.coeff == 2.0
     assert v.meta["method"] == "pca" and v.meta["data"]["n_pairs"] == 3
@@ -54,8 +48,7 @@ def test_make_show_export_and_compare(tiny_dir, pairs_file, tmp_path):
     )
     assert result.exit_code == 2 and "direction.0" in result.output
     only2 = tmp_path / "l2.safetensors"
-    run("vector", "make", "--model", str(tiny_dir), "--pairs", str(pairs_file), "--layers", "2",
-        "--out", str(only2))  # fmt: skip
+    run(*make, "--layers", "2", "--out", str(only2))
     gguf = tmp_path / "v.gguf"
     text = run("vector", "export", str(only2), "--gguf", str(gguf))
     assert "blocks.2.hook_resid_pre → direction.1" in text
@@ -65,27 +58,69 @@ def test_make_show_export_and_compare(tiny_dir, pairs_file, tmp_path):
     assert w.sites == ["blocks.1.hook_resid_post"]
     assert "resid_post" in run("vector", "show", str(gguf))
 
-    text = run("compare", "--model", str(tiny_dir), "--prompt", "hello there", "--vector",
-               str(only2), "--coeff", "4", "--n", "2", "--tokens", "4")  # fmt: skip
+    text = run(
+        "compare",
+        "--model",
+        str(model_dir),
+        "--prompt",
+        "hello there",
+        "--vector",
+        str(only2),
+        "--coeff",
+        "4",
+        "--n",
+        "2",
+        "--tokens",
+        "4",
+    )
     assert "4 × ('mean_diff')" in text and ", all" in text
 
 
-def test_optimize_and_search(tiny_dir, pairs_file, tmp_path):
+def test_optimize_and_search(model_dir, pairs_file, tmp_path):
     out, losses = tmp_path / "o.safetensors", tmp_path / "losses.csv"
-    text = run("vector", "optimize", "--model", str(tiny_dir), "--pairs", str(pairs_file),
-               "--layer", "1", "--steps", "3", "--neutral", "none", "--out", str(out),
-               "--losses", str(losses))  # fmt: skip
+    text = run(
+        "vector",
+        "optimize",
+        "--model",
+        str(model_dir),
+        "--pairs",
+        str(pairs_file),
+        "--layer",
+        "1",
+        "--steps",
+        "3",
+        "--neutral",
+        "none",
+        "--out",
+        str(out),
+        "--losses",
+        str(losses),
+    )
     assert "loss curve" in text and out.exists() and len(losses.read_text().splitlines()) == 4
-    text = run("vector", "search", "--model", str(tiny_dir), "--targets", "q", "--prompt",
-               "hello world", "--candidate", "ab", "--candidate", "q", "--layer", "1")  # fmt: skip
+    text = run(
+        "vector",
+        "search",
+        "--model",
+        str(model_dir),
+        "--targets",
+        "q",
+        "--prompt",
+        "hello world",
+        "--candidate",
+        "ab",
+        "--candidate",
+        "q",
+        "--layer",
+        "1",
+    )
     assert "effectiveness" in text and "'ab'" in text
 
 
-def test_errors_are_reported(tiny_dir, tmp_path):
+def test_errors_are_reported(model_dir, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"nonsense")
     result = CliRunner().invoke(app, ["vector", "show", str(bad)])
     assert result.exit_code == 2 and "corrupted" in result.output
-    args = ["--model", str(tiny_dir), "--pairs", "nope", "--out", str(tmp_path / "o.safetensors")]
+    args = ["--model", str(model_dir), "--pairs", "nope", "--out", str(tmp_path / "o.safetensors")]
     result = CliRunner().invoke(app, ["vector", "make", *args])
     assert result.exit_code == 2 and "no dataset 'nope'" in result.output
