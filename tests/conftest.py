@@ -15,6 +15,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# converted GGUF models are kept here between runs (a fresh clone converts them once)
+os.environ.setdefault(
+    "ACTADD_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".actadd-cache")
+)
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast

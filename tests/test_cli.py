@@ -26,8 +26,13 @@ def test_load_model_from_local_dir(model_dir):
 def test_load_model_errors(tmp_path):
     with pytest.raises(actadd.ModelLoadError, match="GGUF file not found"):
         actadd.load_model(str(tmp_path / "missing.gguf"))
-    with pytest.raises(actadd.ModelLoadError, match="could not load"):
+    with pytest.raises(actadd.ModelLoadError, match="model directory not found"):
         actadd.load_model(str(tmp_path / "not-a-model"))
+    with pytest.raises(actadd.ModelLoadError, match="model directory not found: .*my_model"):
+        actadd.load_model("./my_model")  # not a hub id: no hub error, no GGUF hint
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(actadd.ModelLoadError, match=r"(?s)could not load.*needs a config.json"):
+        actadd.load_model(str(tmp_path / "empty"))
 
 
 def test_compare_command(model_dir):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from actadd.errors import PromptError
+from actadd.errors import ActAddError, PromptError
 from actadd.forward_inputs import ForwardReader, cache_length
 
 
@@ -80,3 +80,30 @@ def test_cache_length_of_legacy_tuples_and_unknown_objects():
     assert cache_length(legacy) == 6
     assert cache_length(_Cache(3)) == 3
     assert cache_length(None) is None and cache_length(object()) is None
+
+
+def test_a_cache_under_a_new_name_is_still_found():
+    f = read(input_ids=IDS[:, :1], kv_state=_Cache(9))
+    assert f.past == 9
+
+
+def test_cache_position_gives_the_past_when_no_cache_is_passed():
+    f = read(input_ids=IDS[:, :1], cache_position=torch.tensor([4]))
+    assert f.past == 4
+
+
+def test_a_cached_forward_with_nothing_to_place_its_tokens_raises():
+    with pytest.raises(ActAddError, match="cannot tell where this forward pass's tokens sit"):
+        read(input_ids=IDS[:, :1], use_cache=True)
+    # without a cache, or with positions, there is no ambiguity
+    assert read(input_ids=IDS, use_cache=False).past == 0
+    step = read(input_ids=IDS[:, :1], use_cache=True, position_ids=torch.tensor([[3]]))
+    assert step.past == 3  # a decoding step, never a new one-token prompt
+
+
+def test_cache_position_wins_and_a_wide_static_mask_does_not_move_the_past():
+    # 4.x sent cache_position, exact where a static cache's own count was not
+    assert read(input_ids=IDS[:, :1], cache=_Cache(4), cache_position=torch.tensor([6])).past == 6
+    # a static cache's 2-D mask is as wide as the cache, not past + new tokens
+    f = read(input_ids=IDS, cache=_Cache(0), attention_mask=torch.ones(1, 7, dtype=torch.long))
+    assert f.past == 0 and f.mask is not None

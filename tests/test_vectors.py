@@ -308,6 +308,27 @@ def test_gguf_written_like_repeng_loads_and_foreign_gguf_raises(llama, tmp_path)
         SteeringVector.from_gguf(narrow, llama)
 
 
+@pytest.mark.parametrize(
+    ("name", "dtype", "why"),
+    [("direction.0", np.float32, "layer 0"), ("direction.1", np.float16, "F16")],
+)
+def test_gguf_files_llama_cpp_would_ignore_load_with_a_warning(llama, tmp_path, name, dtype, why):
+    import gguf
+
+    path = tmp_path / "v.gguf"
+    w = gguf.GGUFWriter(str(path), "controlvector")
+    w.add_string("controlvector.model_hint", "llama")
+    w.add_uint32("controlvector.layer_count", 1)
+    w.add_tensor(name, np.ones(llama.d_model, dtype=dtype))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.warns(actadd.errors.CompatibilityWarning, match=f"llama.cpp would ignore.*{why}"):
+        v = SteeringVector.from_gguf(path, llama)
+    assert v.directions[v.sites[0]].dtype == torch.float32  # actadd still reads it
+
+
 def test_vectors_in_a_sweep(llama):
     from actadd.sweeps import sweep_over_prompts
 

@@ -45,7 +45,7 @@ _EXPORTS = {
     "get_x_vector": "additions",
     "hooked": "hooks",
     "list_datasets": "datasets",
-    "load_model": "model",
+    "load_model": "loading",
     "load_pairs": "datasets",
     "make_activation_additions": "sweeps",
     "make_vector": "contrast",
@@ -96,7 +96,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     )
     from actadd.generation import compare, gen_using_activation_additions, print_n_comparisons
     from actadd.hooks import capture, hooked
-    from actadd.model import LM, load_model
+    from actadd.loading import load_model
+    from actadd.model import LM
     from actadd.optimize import OptimizeResult, optimize_vector
     from actadd.search import search_pairs
     from actadd.sites import Site, SiteMap, get_act_name

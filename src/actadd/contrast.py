@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from actadd import progress
 from actadd.datasets import ContrastDataset, as_dataset
 from actadd.errors import ActAddError
 from actadd.hooks import capture
-from actadd.model import LM
+from actadd.model import LM, as_lm
 from actadd.provenance import provenance
 from actadd.sites import KINDS, Site, get_act_name, parse_site
 from actadd.vectors import SteeringVector
@@ -115,6 +116,7 @@ def read_pairs(
     batch_size: int = 16,
 ) -> tuple[dict[Site, Tensor], dict[Site, Tensor]]:
     """Residual-stream readings ``(positive[N, D], negative[N, D])`` per site, float32."""
+    lm = as_lm(lm)
     ds = as_dataset(pairs)
     if read not in READS:
         raise ActAddError(f"read must be one of {', '.join(READS)}, got {read!r}")
@@ -131,6 +133,7 @@ def read_pairs(
             items.append((ids, _weights(len(ids), start, read)))
     out: dict[Site, list[Tensor]] = {s: [] for s in sites}
     for lo in range(0, len(items), batch_size):
+        progress.report("reading pairs", lo // 2, len(items) // 2)
         chunk = items[lo : lo + batch_size]
         batch, mask = lm.pad([i for i, _ in chunk], side="right")
         width = batch.shape[1]
@@ -139,6 +142,7 @@ def read_pairs(
         for s in sites:
             h = acts[s].float()  # [B, T, D]
             out[s].append(torch.einsum("bt,btd->bd", w.to(h), h))
+    progress.report("reading pairs", len(items) // 2, len(items) // 2)
     stacked = {s: torch.cat(v) for s, v in out.items()}  # [2N, D]
     return {s: v[0::2] for s, v in stacked.items()}, {s: v[1::2] for s, v in stacked.items()}
 

@@ -114,9 +114,15 @@ def _rows(source: str | os.PathLike[str]) -> tuple[str, list[dict[str, Any]]]:
         return str(source), _jsonl(text, str(source))
     path = Path(source)
     if not path.is_file():
+        shipped = ", ".join(list_datasets())
+        if path.suffix or os.sep in str(source) or "/" in str(source):  # meant as a file
+            raise ActAddError(
+                f"file not found: {path} (pairs come from a .jsonl/.json/.csv file, or one of "
+                f"the shipped datasets: {shipped})"
+            )
         raise ActAddError(
             f"no dataset {str(source)!r}: give a .jsonl/.json/.csv file or one of the shipped "
-            f"datasets ({', '.join(list_datasets())})"
+            f"datasets ({shipped})"
         )
     raw = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()

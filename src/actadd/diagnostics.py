@@ -15,7 +15,7 @@ import torch
 
 from actadd.errors import ActAddError, OutlierWarning
 from actadd.hooks import capture
-from actadd.model import LM
+from actadd.model import LM, as_lm
 from actadd.positions import injected_span
 from actadd.steering import as_rows, resolve, row_locations
 
@@ -48,6 +48,7 @@ def steering_magnitudes_relative_to_prompt(
         >>> df = steering_magnitudes_relative_to_prompt(
         ...     lm, "I hate you because", get_x_vector("Love", "Hate", 5, 6))  # doctest: +SKIP
     """
+    lm = as_lm(lm)
     rows, per_row = as_rows(activation_additions)
     if per_row:
         raise ActAddError("give one list of additions, not one per row")

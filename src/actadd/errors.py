@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "ActAddError",
+    "CompatibilityWarning",
     "MissingDependencyError",
     "ModelLoadError",
     "OutlierWarning",
@@ -54,6 +55,10 @@ class MissingDependencyError(ActAddError, ImportError):
 class OutlierWarning(UserWarning):
     """Steering that will not act as intended: an addition whose norm dwarfs the residual
     stream, or one that lands only on the attention sink (position 0)."""
+
+
+class CompatibilityWarning(UserWarning):
+    """A file actadd reads, but another tool (llama.cpp) would read differently or ignore."""
 
 
 def install_hint(extra: str) -> str:

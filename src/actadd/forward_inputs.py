@@ -3,9 +3,15 @@
 The root steering hook sits on the module that owns the decoder layers (``LlamaModel``,
 ``GPT2Model``, ...) and needs, for the forward under way: the batch and token counts, the
 tokens, how many tokens are already in the KV cache, the 2-D attention mask (left padding) and
-the position ids. Releases of transformers pass these under different names (the cache has
-been ``past_key_values``, ``past_key_value`` and ``cache``; ``generate`` may drop an all-ones
-mask), so every name a supported release uses is read here, and nowhere else.
+the position ids. Releases of transformers pass these under different names: the cache was
+``past_key_values`` up to 5.23 and is ``cache`` from 5.24 (``past_key_value`` in some older
+layers); 4.x also sends ``cache_position``; ``generate`` drops an all-ones mask. So every name
+a supported release uses is read here, and nowhere else, and a cache under a name not seen
+before is still found (any argument with ``get_seq_length``).
+
+When a forward says it uses a cache (``use_cache=True``) but neither a cache, nor a mask over
+the cached tokens, nor positions can be found, a decoding step could be mistaken for a new
+prompt: that raises instead of steering the wrong tokens.
 """
 
 from __future__ import annotations
@@ -17,12 +23,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from actadd.errors import PromptError
+from actadd.errors import ActAddError, PromptError
 
 __all__ = ["ForwardInputs", "ForwardReader", "cache_length"]
 
 # where transformers releases put the KV cache in the base model's forward, newest first
-CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value", "layer_past", "cache_params")
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return str(transformers.__version__)
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        return "?"
 
 
 @dataclass(frozen=True)
@@ -44,9 +59,9 @@ class ForwardInputs:
 
 def cache_length(cache: Any) -> int | None:
     """Tokens held by a KV cache object (any transformers cache, or a legacy tuple), else None."""
-    if cache is None:
+    if cache is None or isinstance(cache, Tensor):
         return None
-    if hasattr(cache, "get_seq_length"):
+    if callable(getattr(cache, "get_seq_length", None)):
         return int(cache.get_seq_length())
     if isinstance(cache, (tuple, list)) and cache and cache[0] is not None:
         return int(cache[0][0].shape[-2])  # legacy tuple cache: [B, heads, past, head_dim]
@@ -82,12 +97,9 @@ class ForwardReader:
             raise PromptError("steered forward pass got neither input_ids nor inputs_embeds")
         B, T = int(ref.shape[0]), int(ref.shape[1])
         mask, pos = a.get("attention_mask"), a.get("position_ids")
-        past = next(
-            (n for n in (cache_length(a.get(k)) for k in CACHE_NAMES) if n is not None), None
-        )
         mask2d = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
-        if past is None:
-            past = int(mask2d.shape[1]) - T if mask2d is not None else 0
+        positions = pos if isinstance(pos, Tensor) and pos.ndim in (1, 2) else None
+        past = self._past(a, mask2d, T)
         if mask2d is not None and mask2d.shape[1] < past + T:
             mask2d = None  # not a mask over cached + new tokens: no padding information
         return ForwardInputs(
@@ -96,6 +108,37 @@ class ForwardReader:
             ids=ids if isinstance(ids, Tensor) else None,
             past=past,
             mask=mask2d,
-            position_ids=pos if isinstance(pos, Tensor) and pos.ndim in (1, 2) else None,
+            position_ids=positions,
             device=ref.device,
         )
+
+    @staticmethod
+    def _past(a: dict[str, Any], mask2d: Tensor | None, T: int) -> int:
+        """Tokens already in the cache: ``cache_position`` where a release sends it (exact,
+        even where a static cache's ``get_seq_length`` under-counts), else the cache itself,
+        else the width of the 2-D mask (never when there is a cache: a static cache's mask is
+        as wide as the cache), else the first position id."""
+        cache_position = a.get("cache_position")
+        if isinstance(cache_position, Tensor) and cache_position.numel():
+            return int(cache_position.reshape(-1)[0])
+        for name in CACHE_NAMES:
+            n = cache_length(a.get(name))
+            if n is not None:
+                return n
+        for value in a.values():  # a cache under a name no release used before
+            if callable(getattr(value, "get_seq_length", None)):
+                return int(value.get_seq_length())
+        if mask2d is not None:
+            return int(mask2d.shape[1]) - T
+        pos = a.get("position_ids")
+        if isinstance(pos, Tensor) and pos.numel():  # a step after n tokens starts at n
+            return int(pos.min())
+        if a.get("use_cache"):
+            raise ActAddError(
+                "cannot tell where this forward pass's tokens sit: the model uses a KV cache "
+                f"but actadd found neither it, nor an attention mask, nor position ids among "
+                f"{sorted(a)} (transformers {_transformers_version()}). Steering could land "
+                "on the wrong tokens, so it stops here: please report this with your "
+                "transformers version; meanwhile pass use_cache=False or an attention_mask"
+            )
+        return 0

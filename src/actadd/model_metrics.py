@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from actadd.errors import ActAddError, PromptError
-from actadd.model import LM
+from actadd.model import LM, as_lm
 from actadd.steering import as_rows, injected, resolve, steer
 from actadd.texts import TextData, texts_of
 
@@ -85,6 +85,7 @@ def _batches(
     mask_rows: list[list[Any]] | None = None,
 ) -> Iterator[_Batch]:
     """Score ``texts`` in batches, unsteered and/or steered by their row's additions."""
+    lm = as_lm(lm)
     if how.batch_size < 1:
         raise ActAddError(f"batch_size must be >= 1, got {how.batch_size}")
     toks = [lm.token_ids(t) for t in texts]

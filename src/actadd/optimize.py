@@ -34,10 +34,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from actadd import progress
 from actadd.datasets import ContrastDataset, as_dataset, load_texts
 from actadd.errors import ActAddError
 from actadd.hooks import capture
-from actadd.model import LM
+from actadd.model import LM, as_lm
 from actadd.provenance import provenance
 from actadd.sites import Site, parse_site
 from actadd.steering import Injection, steer
@@ -153,6 +154,7 @@ def optimize_vector(
         >>> res.losses.loss.iloc[-1] < res.losses.loss.iloc[0]  # doctest: +SKIP
         True
     """
+    lm = as_lm(lm)
     site = parse_site(layer, lm.n_layers)
     paired = isinstance(targets, (ContrastDataset, str, os.PathLike)) and avoid is None
     tgt, avd, name = _targets(targets, avoid)
@@ -204,6 +206,7 @@ def optimize_vector(
                 "norm": float(v.detach().norm()),
             }
             records.append(row)
+            progress.report("optimising", step + 1, steps)
             if callback is not None:
                 callback(row)
             log.debug("step %d %s", step, row)

@@ -25,6 +25,7 @@ import pandas as pd
 from actadd.errors import ActAddError, require
 
 __all__ = [
+    "axis_label",
     "heatmap",
     "line_plot",
     "magnitude_bars",
@@ -34,6 +35,43 @@ __all__ = [
 ]
 
 BACKENDS = ("plotly", "matplotlib")
+
+# axis and colour-bar titles for the columns sweeps produce (anything else is shown as is)
+_LABELS = {
+    "coeff": "coefficient",
+    "layer": "layer",
+    "loss": "loss of the completion (nats/token)",
+    "sentiment": "VADER sentiment",
+    "wedding": "wedding words per completion",
+    "wedding_any": "fraction with a wedding word",
+    "words": "target words per completion",
+    "similarity": "MiniLM similarity",
+    "ratio": "perplexity ratio (steered / unsteered)",
+    "dim_fraction": "fraction of residual dimensions",
+    "relative": "addition norm / prompt norm",
+}
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def axis_label(column: str) -> str:
+    """A readable title for a column: ``sentiment_diff`` → "Δ VADER sentiment (steered −
+    unsteered)", ``coeff`` → "coefficient".
+
+    Example:
+        >>> axis_label("sentiment_diff")
+        'Δ VADER sentiment (steered − unsteered)'
+    """
+    if column.endswith("_diff"):
+        return f"Δ {axis_label(column[: -len('_diff')])} (steered − unsteered)"
+    return _LABELS.get(column, column.replace("_", " "))
+
+
+def _dodge(values: pd.Series, k: int, n: int, spread: float, log: bool) -> pd.Series:
+    """Shift series ``k`` of ``n`` a little along x so equal points stay visible."""
+    if n < 2:
+        return values
+    step = (k - (n - 1) / 2) * spread / max(n - 1, 1)
+    return values * (2**step) if log else values + step
 
 
 def _check(data: pd.DataFrame, cols: list[str | None], backend: str) -> None:
@@ -115,6 +153,13 @@ def line_plot(
         s = d if g is None else d[d[group] == g]
         return s.sort_values(x)
 
+    # lines that coincide (e.g. several layers at 0) are drawn side by side, not on top
+    spread = 0.0
+    if len(groups) > 1 and pd.api.types.is_numeric_dtype(data[x]):
+        xs = np.sort(pd.unique(data[x].astype(float)))
+        gaps = np.diff(np.log2(xs) if log_x else xs) if len(xs) > 1 else np.array([1.0])
+        spread = 0.12 * float(gaps.min())
+
     if backend == "plotly":
         import plotly.graph_objects as go
         from plotly.colors import qualitative
@@ -127,14 +172,17 @@ def line_plot(
             subplot_titles=[str(k) for k, _ in panels] if facet else None,
         )
         palette = qualitative.Plotly
+        symbols = ("circle", "square", "triangle-up", "diamond", "triangle-down", "cross")
         for col, (_, d) in enumerate(panels, start=1):
             for gi, g in enumerate(groups):
                 s = series(d, g)
                 fig.add_trace(
                     go.Scatter(
-                        x=s[x],
+                        x=_dodge(s[x], gi, len(groups), spread, log_x),
                         y=s[metric],
                         mode="lines+markers",
+                        marker={"symbol": symbols[gi % len(symbols)], "size": 8},
+                        opacity=0.85,
                         name=f"{group} {g}" if group else metric,
                         legendgroup=str(g),
                         showlegend=col == 1,
@@ -154,26 +202,28 @@ def line_plot(
                     annotation_text=baseline_label,
                 )
         fig.update_layout(title=title, template="plotly_white", legend_title=group)
-        fig.update_xaxes(title=x, type="log" if log_x else None)
+        fig.update_xaxes(title=axis_label(x), type="log" if log_x else None)
         fig.update_yaxes(type="log" if log_y else None)
-        fig.update_yaxes(title=y_label or metric, col=1)
+        fig.update_yaxes(title=y_label or axis_label(metric), col=1)
         return fig
 
     fig, axes = _mpl_axes(len(panels))
     for ax, (key, d) in zip(axes, panels, strict=True):
-        for g in groups:
+        for gi, g in enumerate(groups):
             s = series(d, g)
             ax.errorbar(
-                s[x],
+                _dodge(s[x], gi, len(groups), spread, log_x),
                 s[metric],
                 yerr=s[err].fillna(0) if err else None,
-                marker="o",
+                marker=_MARKERS[gi % len(_MARKERS)],
+                markersize=6,
+                alpha=0.85,
                 capsize=3,
                 label=f"{group} {g}" if group else metric,
             )
         if base is not None:
             ax.axhline(base, ls="--", color="gray", label=baseline_label)
-        ax.set_xlabel(x)
+        ax.set_xlabel(axis_label(x))
         if log_x:
             ax.set_xscale("log", base=2)
             ax.xaxis.set_major_formatter(_plain_ticks())
@@ -187,7 +237,7 @@ def line_plot(
         if facet:
             ax.set_title(str(key), fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0].set_ylabel(y_label or metric)
+    axes[0].set_ylabel(_wrap(y_label or axis_label(metric), 40))
     # outside the plot, so it never hides a line
     axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(_wrap(title, 90))
@@ -219,7 +269,7 @@ def heatmap(
     """
     _check(data, [metric, x, y], backend)
     grid = data.pivot_table(index=y, columns=x, values=metric, aggfunc="mean").sort_index()
-    title = title or f"{metric}: {y} × {x}"
+    title = title or f"{axis_label(metric)}: {y} × {x}"
     z = grid.to_numpy(dtype=float)
     finite = z[np.isfinite(z)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
@@ -242,12 +292,12 @@ def heatmap(
                 zmin=lo,
                 zmax=hi,
                 colorscale="RdBu_r" if center is not None else "Viridis",
-                colorbar={"title": metric},
+                colorbar={"title": axis_label(metric)},
             )
         )
         fig.update_layout(title=title, template="plotly_white")
-        fig.update_xaxes(title=x, type="category")
-        fig.update_yaxes(title=y, type="category")
+        fig.update_xaxes(title=axis_label(x), type="category")
+        fig.update_yaxes(title=axis_label(y), type="category")
         return fig
 
     fig, (ax,) = _mpl_axes(1, width=max(5.5, 1.6 + 0.9 * len(xs)), height=1.6 + 0.45 * len(ys))
@@ -255,8 +305,8 @@ def heatmap(
     im = ax.imshow(z, origin="lower", aspect="auto", cmap=cmap, vmin=lo, vmax=hi)
     ax.set_xticks(range(len(xs)), xs)
     ax.set_yticks(range(len(ys)), ys)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(y))
     mid = (lo + hi) / 2
     for i in range(len(ys)):
         for j in range(len(xs)):
@@ -275,7 +325,7 @@ def heatmap(
                     fontsize=8,
                     color="white" if dark else "black",
                 )
-    fig.colorbar(im, ax=ax, label=metric)
+    fig.colorbar(im, ax=ax, label=_wrap(axis_label(metric), 30))
     ax.set_title(_wrap(title, 60), fontsize=10)
     return fig
 
@@ -316,7 +366,7 @@ def magnitude_bars(
             barmode="group",
             template="plotly_white",
             xaxis_title="prompt position",
-            yaxis_title=value,
+            yaxis_title=axis_label(value),
         )
         if log_y:
             fig.update_yaxes(type="log")
@@ -334,7 +384,7 @@ def magnitude_bars(
                     b.set_hatch("//")
     ax.set_xticks(pos, labels, rotation=45, ha="right", fontsize=8)
     ax.set_xlabel("prompt position")
-    ax.set_ylabel(value)
+    ax.set_ylabel(axis_label(value))
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3, axis="y")

@@ -24,10 +24,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from actadd import progress
 from actadd.additions import get_x_vector
 from actadd.errors import ActAddError, PromptError
 from actadd.generation import gen_using_activation_additions
-from actadd.model import LM
+from actadd.model import LM, as_lm
 from actadd.sites import canonical_act_name
 from actadd.steering import steer
 
@@ -144,6 +145,7 @@ def search_pairs(
         >>> df = search_pairs(lm, ["wedding"], ["I went up to my friend and said"],
         ...                   vocab=20, rescore=3)  # doctest: +SKIP
     """
+    lm = as_lm(lm)
     act_name = canonical_act_name(layer)
     prompts = list(prompts)
     if not prompts:
@@ -172,6 +174,7 @@ def search_pairs(
     eff, kl = [], []
     jobs = [(i, j) for i in range(len(pairs)) for j in range(len(prompts))]
     for lo in range(0, len(jobs), batch_size):
+        progress.report("scoring pairs", lo, len(jobs))
         chunk = jobs[lo : lo + batch_size]
         rows = [list(get_x_vector(*pairs[i], coeff=coeff, act_name=act_name)) for i, _ in chunk]
         lp = _next_token_logprobs(lm, [prompts[j] for _, j in chunk], rows)  # [B, V]
@@ -179,6 +182,7 @@ def search_pairs(
         eff.append(torch.logsumexp(lp[:, tids], -1) - base_t[js])
         ref = base[js]
         kl.append((ref.exp() * (ref - lp)).sum(-1))
+    progress.report("scoring pairs", len(jobs), len(jobs))
     e = torch.cat(eff).view(len(pairs), len(prompts)).mean(1)
     k = torch.cat(kl).view(len(pairs), len(prompts)).mean(1)
     df = pd.DataFrame(

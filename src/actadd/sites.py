@@ -147,6 +147,8 @@ def canonical_act_name(act_name: int | str) -> str:
         raise SiteError(f"act_name must be a layer number or a site name, got {act_name!r}")
     if isinstance(act_name, int):
         return get_act_name("resid_pre", act_name)
+    if re.fullmatch(r"\s*-?\d+\s*", act_name):  # "6" from a command line or a config file
+        return get_act_name("resid_pre", int(act_name))
     m = _NAME_RE.match(act_name.strip())
     if m is None:
         raise SiteError(

@@ -38,7 +38,7 @@ from actadd.additions import ActivationAddition
 from actadd.errors import ActAddError
 from actadd.generation import gen_using_activation_additions
 from actadd.metrics import Metric, add_metric_cols
-from actadd.model import LM
+from actadd.model import LM, as_lm
 from actadd.sites import canonical_act_name
 from actadd.steering import Injection, Steerable
 
@@ -307,6 +307,7 @@ def sweep_over_prompts(
         ...     metrics_dict={"wedding": get_word_count_metric()},
         ...     temperature=1, freq_penalty=1, top_p=0.3)  # doctest: +SKIP
     """
+    model = as_lm(model)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if isinstance(activation_additions, pd.DataFrame):
         if "activation_additions" not in activation_additions.columns:

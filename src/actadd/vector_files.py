@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from actadd.errors import ActAddError, VectorFileError
+from actadd.errors import ActAddError, CompatibilityWarning, VectorFileError
 from actadd.model import LM
 from actadd.provenance import now
 from actadd.sites import Site, parse_site
@@ -267,6 +268,7 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str
             f"({GGUF_ARCH!r}): is it a model file?"
         )
     dirs: dict[str, torch.Tensor] = {}
+    ignored_by_llama = []
     for name, kind, data in tensors:
         m = _DIRECTION_RE.match(name)
         if m is None:
@@ -275,11 +277,25 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str
             raise VectorFileError(f"{p}: {name} has type {kind.name}; llama.cpp needs F32")
         if data.ndim != 1:
             raise VectorFileError(f"{p}: {name} has shape {data.shape}; need one dimension")
+        if int(m.group(1)) == 0:
+            ignored_by_llama.append(f"{name} (llama.cpp rejects layer 0)")
+        elif kind != gguf.GGMLQuantizationType.F32:
+            ignored_by_llama.append(f"{name} ({kind.name}: llama.cpp reads only F32)")
         dirs[f"blocks.{int(m.group(1))}.hook_resid_post"] = torch.from_numpy(
             data.astype(np.float32)
         )
     if not dirs:
         raise VectorFileError(f"{p} has no direction tensors")
+    if ignored_by_llama:
+        # llama.cpp logs an error for such a file and runs unsteered; actadd would steer
+        warnings.warn(
+            f"{p}: llama.cpp would ignore this file ({', '.join(ignored_by_llama)}) and run "
+            "unsteered, while actadd steers with it. For a file both read alike, re-export it "
+            "with `actadd vector export FILE --gguf OUT` (F32; a layer-0 direction has no "
+            "llama.cpp slot and is refused there)",
+            CompatibilityWarning,
+            stacklevel=3,
+        )
     meta: dict[str, Any] = {}
     if extra:
         try:
