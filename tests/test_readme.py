@@ -38,18 +38,31 @@ def blocks() -> list[tuple[str, str]]:
 
 
 def shell_lines(code: str) -> list[str]:
-    """Commands of a shell block: comments dropped, continuation lines joined."""
+    """Commands of a shell block: comments dropped, continuation lines and lines inside an
+    open quote joined to their command."""
     code = re.sub(r"\\\n\s*", " ", code)
-    out = []
+    out: list[str] = []
+    pending = ""
     for line in code.splitlines():
-        line = line.split("  #")[0].strip()
-        if line and not line.startswith("#"):
-            out.append(line)
+        if not pending:
+            line = line.split("  #")[0].strip()
+            if not line or line.startswith("#"):
+                continue
+        pending = f"{pending}\n{line}" if pending else line
+        try:
+            shlex.split(pending)
+        except ValueError:  # an unclosed quote: the command goes on
+            continue
+        out.append(pending)
+        pending = ""
+    assert not pending, f"unclosed quote in a README shell block: {pending}"
     return out
 
 
 def transcript_commands(code: str) -> list[str]:
-    return [line[2:] for line in shell_lines(code) if line.startswith("$ ")]
+    """The ``$ command`` lines of a transcript (output lines are not commands)."""
+    code = re.sub(r"\\\n\s*", " ", code)
+    return [line[2:].split("  #")[0].strip() for line in code.splitlines() if line.startswith("$ ")]
 
 
 @pytest.fixture
@@ -136,9 +149,13 @@ def test_serving_blocks(real_lm, workdir):
         if c.startswith("actadd serve")
     ]
     assert serve_lines
-    env = {**os.environ, "ACTADD_API_KEY": "readme-key", "HF_HUB_OFFLINE": "1"}
+    base_env = {k: v for k, v in os.environ.items() if k != "ACTADD_API_KEY"}
     actadd_bin = str(Path(sys.executable).with_name("actadd"))
     for line in serve_lines:
+        # the key only where the command line names it, as in a user's shell
+        env = {**base_env, "HF_HUB_OFFLINE": "1"}
+        if "$ACTADD_API_KEY" in line:
+            env["ACTADD_API_KEY"] = "readme-key"
         args = [
             os.path.expandvars(a)
             for a in shlex.split(line.replace("$ACTADD_API_KEY", "readme-key"))
