@@ -124,3 +124,34 @@ def test_errors_are_reported(model_dir, tmp_path):
     args = ["--model", str(model_dir), "--pairs", "nope", "--out", str(tmp_path / "o.safetensors")]
     result = CliRunner().invoke(app, ["vector", "make", *args])
     assert result.exit_code == 2 and "no dataset 'nope'" in result.output
+
+
+def test_condition_fit_command(model_dir, tmp_path):
+    pos, neg = tmp_path / "pos.txt", tmp_path / "neg.jsonl"
+    pos.write_text("\n".join(f"{w} apple pie" for w in ("my", "an", "red", "one", "big", "old")))
+    neg.write_text(
+        "".join(json.dumps({"prompt": f"{w} zebra 99"}) + "\n" for w in ("my", "an", "red", "one"))
+    )
+    out = tmp_path / "c.safetensors"
+    text = run(
+        "condition",
+        "fit",
+        "--model",
+        str(model_dir),
+        "--pos",
+        str(pos),
+        "--neg",
+        str(neg),
+        "--layers",
+        "1,2",
+        "--out",
+        str(out),
+    )
+    assert "held-out scores per layer" in text and "precision" in text and out.exists()
+    c = actadd.Condition.load(out)
+    assert c.site in ("blocks.1.hook_resid_pre", "blocks.2.hook_resid_pre")
+    result = CliRunner().invoke(
+        app,
+        ["condition", "fit", "--pos", str(tmp_path / "none.txt"), "--neg", "other", "--out", "x"],
+    )
+    assert result.exit_code == 2 and "file not found" in result.output

@@ -92,9 +92,19 @@ def test_cache_position_gives_the_past_when_no_cache_is_passed():
     assert f.past == 4
 
 
+class _Unknown(nn.Module):
+    """A forward from a future release: its cache parameter has a name nobody used before."""
+
+    def forward(self, input_ids: Any = None, kv_store: Any = None, use_cache: Any = None) -> None:
+        return None
+
+
 def test_a_cached_forward_with_nothing_to_place_its_tokens_raises():
     with pytest.raises(ActAddError, match="cannot tell where this forward pass's tokens sit"):
-        read(input_ids=IDS[:, :1], use_cache=True)
+        ForwardReader(_Unknown()).read((), {"input_ids": IDS[:, :1], "use_cache": True})
+    # a known cache parameter left at None is a new prompt, with or without use_cache
+    assert read(input_ids=IDS, use_cache=True).past == 0
+    assert read(input_ids=IDS, use_cache=True, past_key_values=None).past == 0
     # without a cache, or with positions, there is no ambiguity
     assert read(input_ids=IDS, use_cache=False).past == 0
     step = read(input_ids=IDS[:, :1], use_cache=True, position_ids=torch.tensor([[3]]))

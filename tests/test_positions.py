@@ -20,12 +20,24 @@ from actadd.positions import (
 
 
 def test_locations_and_their_offsets():
-    assert LOCATIONS == ("front", "mid", "back", "all")
+    assert LOCATIONS == ("front", "mid", "back", "all", "generated")
     assert [addition_offset(loc, 10, 4) for loc in ("front", "mid", "back")] == [0, 3, 6]
     assert addition_offset("mid", 5, 5) == 0 and addition_offset("back", 5, 5) == 0
     assert addition_offset("mid", 7, 2) == 2  # 7 // 2 - 2 // 2
-    with pytest.raises(ActAddError, match="no offset"):
-        addition_offset("all", 10, 4)
+    for loc in ("all", "generated"):
+        with pytest.raises(ActAddError, match="no offset"):
+            addition_offset(loc, 10, 4)
+
+
+def test_offsets_and_spans_relative_to_a_span():
+    span = (3, 9)  # e.g. the user's message inside a chat template
+    assert [addition_offset(loc, 12, 2, span) for loc in ("front", "mid", "back")] == [3, 5, 7]
+    assert injected_span("all", 12, 2, span) == slice(3, 9)
+    assert injected_span("generated", 12, 2, span) == slice(0, 0)  # never the prompt
+    with pytest.raises(PromptError, match=r"the span \(3, 9\) of the prompt has 6 tokens"):
+        injected_span("back", 12, 7, span)
+    with pytest.raises(PromptError, match="not a non-empty part"):
+        injected_span("front", 12, 1, (5, 13))
 
 
 def test_check_location_names_the_choices():
@@ -41,6 +53,7 @@ def test_check_location_names_the_choices():
         ("mid", [0, 0, 1, 1, 1, 0, 0]),
         ("back", [0, 0, 0, 0, 1, 1, 1]),
         ("all", [1, 1, 1, 1, 1, 1, 1]),
+        ("generated", [0, 0, 0, 0, 0, 0, 0]),
     ],
 )
 def test_injected_mask_of_each_location(location, expected):

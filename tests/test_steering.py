@@ -71,7 +71,7 @@ def test_positions_of_each_location(llama, location):
     expected = torch.zeros_like(before)
     if location == "all":
         expected[:] = acts.mean(0)
-    else:
+    elif location != "generated":  # generated: never on the prompt
         start = {"front": 0, "mid": P // 2 - 2, "back": P - 4}[location]
         expected[start : start + 4] = acts
     close(after - before, expected)

@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ActAddError": "errors",
     "ActivationAddition": "additions",
+    "Condition": "conditions",
+    "Conditioned": "steering",
     "ContrastDataset": "datasets",
     "ContrastPair": "datasets",
     "Injection": "steering",
@@ -82,6 +84,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from actadd import metrics, plots, sweeps
     from actadd.additions import ActivationAddition, get_activations, get_x_vector
+    from actadd.conditions import Condition
     from actadd.contrast import make_vector, mean_diff, pca
     from actadd.datasets import ContrastDataset, ContrastPair, list_datasets, load_pairs
     from actadd.diagnostics import steering_magnitudes_relative_to_prompt
@@ -101,7 +104,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from actadd.optimize import OptimizeResult, optimize_vector
     from actadd.search import search_pairs
     from actadd.sites import Site, SiteMap, get_act_name
-    from actadd.steering import Injection, steer
+    from actadd.steering import Conditioned, Injection, steer
     from actadd.sweeps import (
         SlicedAddition,
         make_activation_additions,

@@ -2,7 +2,8 @@
 
 actadd ships small hand-written datasets (``list_datasets()``): ``sentiment`` (50 pairs),
 ``weddings`` (40, wedding talk vs the same sentence about something else), ``formality``
-(40, formal vs casual), and ``neutral`` (30 unrelated sentences, used to keep steering from
+(40, formal vs casual), ``refusal`` (40 questions, each with a refusal and a helpful answer:
+read with ``read="answer"``), and ``neutral`` (30 unrelated sentences, used to keep steering from
 disturbing other text). Your own data loads from JSONL, JSON or CSV with the columns
 ``positive``, ``negative`` and optionally ``prompt`` (shared text before both answers);
 CAA's JSON (``question``, ``answer_matching_behavior``, ``answer_not_matching_behavior``) is

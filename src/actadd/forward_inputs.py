@@ -9,9 +9,10 @@ layers); 4.x also sends ``cache_position``; ``generate`` drops an all-ones mask.
 a supported release uses is read here, and nowhere else, and a cache under a name not seen
 before is still found (any argument with ``get_seq_length``).
 
-When a forward says it uses a cache (``use_cache=True``) but neither a cache, nor a mask over
-the cached tokens, nor positions can be found, a decoding step could be mistaken for a new
-prompt: that raises instead of steering the wrong tokens.
+When a forward says it uses a cache (``use_cache=True``), has no cache parameter by any known
+name, and neither a cache object, nor a mask over the cached tokens, nor positions can be
+found, a decoding step could be mistaken for a new prompt: that raises instead of steering the
+wrong tokens. (A known cache parameter that is None is a new prompt.)
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ class ForwardReader:
             for name, p in self._sig.parameters.items()
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         ]
+        # a forward that names its cache parameter gets None there for a new prompt
+        self._knows_cache = any(n in self._sig.parameters for n in CACHE_NAMES)
 
     def arguments(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
         """The forward's arguments by name; ``generate`` passes keywords, so no binding."""
@@ -99,7 +102,7 @@ class ForwardReader:
         mask, pos = a.get("attention_mask"), a.get("position_ids")
         mask2d = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
         positions = pos if isinstance(pos, Tensor) and pos.ndim in (1, 2) else None
-        past = self._past(a, mask2d, T)
+        past = self._past(a, mask2d, T, self._knows_cache)
         if mask2d is not None and mask2d.shape[1] < past + T:
             mask2d = None  # not a mask over cached + new tokens: no padding information
         return ForwardInputs(
@@ -113,7 +116,7 @@ class ForwardReader:
         )
 
     @staticmethod
-    def _past(a: dict[str, Any], mask2d: Tensor | None, T: int) -> int:
+    def _past(a: dict[str, Any], mask2d: Tensor | None, T: int, knows_cache: bool) -> int:
         """Tokens already in the cache: ``cache_position`` where a release sends it (exact,
         even where a static cache's ``get_seq_length`` under-counts), else the cache itself,
         else the width of the 2-D mask (never when there is a cache: a static cache's mask is
@@ -133,7 +136,7 @@ class ForwardReader:
         pos = a.get("position_ids")
         if isinstance(pos, Tensor) and pos.numel():  # a step after n tokens starts at n
             return int(pos.min())
-        if a.get("use_cache"):
+        if a.get("use_cache") and not knows_cache and not any(k in a for k in CACHE_NAMES):
             raise ActAddError(
                 "cannot tell where this forward pass's tokens sit: the model uses a KV cache "
                 f"but actadd found neither it, nor an attention mask, nor position ids among "

@@ -19,8 +19,9 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor
 
 from actadd import progress
-from actadd.errors import ActAddError, PromptError
+from actadd.errors import ActAddError
 from actadd.model import LM, as_lm
+from actadd.prompts import Encoded, encode_prompts
 from actadd.sampling import LossRecorder, Sampling, row_processors, row_seeds
 from actadd.steering import as_rows, steer
 
@@ -46,6 +47,7 @@ def gen_using_activation_additions(
     addition_location: str | None = None,
     res_stream_slice: slice = slice(None),
     batch_size: int | None = None,
+    chat: bool = False,
 ) -> pd.DataFrame:
     """Generate one completion per prompt under the additions, in batched ``generate`` calls.
 
@@ -53,7 +55,8 @@ def gen_using_activation_additions(
         model: the ``LM``.
         activation_additions: additions shared by every prompt, or one list per prompt (each
             row steered by its own list; an empty list leaves that row unsteered).
-        prompt_batch: a prompt or a list of prompts.
+        prompt_batch: a prompt or a list of prompts; a prompt may also be a chat (a list of
+            ``{"role", "content"}`` messages).
         tokens_to_generate: new tokens per completion.
         seed: row ``i`` samples with seed ``seed + i``; ``seeds`` gives them explicitly.
         temperature: 0 is greedy.
@@ -63,6 +66,9 @@ def gen_using_activation_additions(
             each addition's own (``front`` for prompt additions, ``all`` for vectors).
         res_stream_slice: see ``steer``.
         batch_size: rows per ``generate`` call (default all); results do not depend on it.
+        chat: each string prompt is a user message, rendered with the model's chat template.
+            In a chat, additions land on the last user message's text, not on the
+            template's tokens (``all`` covers that text and every generated token).
 
     Returns:
         A DataFrame with columns ``prompts``, ``completions``, ``is_modified``, ``loss`` (mean
@@ -75,11 +81,7 @@ def gen_using_activation_additions(
         ...     seed=0, freq_penalty=1, top_p=0.3)  # doctest: +SKIP
     """
     lm = as_lm(model)
-    prompts = [prompt_batch] if isinstance(prompt_batch, str) else list(prompt_batch)
-    if not prompts:
-        raise PromptError("prompt_batch is empty")
-    if any(not isinstance(p, str) or not p for p in prompts):
-        raise PromptError("every prompt must be a non-empty string")
+    prompts = encode_prompts(lm, prompt_batch, chat=chat)
     if tokens_to_generate < 1:
         raise ActAddError(f"tokens_to_generate must be >= 1, got {tokens_to_generate}")
     sampling = Sampling(temperature, top_p, top_k, freq_penalty)
@@ -128,7 +130,7 @@ class _StepReporter(LogitsProcessor):
 def _generate_chunk(
     lm: LM,
     adds: list[list[Any]],
-    prompts: list[str],
+    prompts: list[Encoded],
     seeds: list[int],
     *,
     tokens_to_generate: int,
@@ -137,7 +139,7 @@ def _generate_chunk(
     res_stream_slice: slice,
     reporter: LogitsProcessor | None = None,
 ) -> pd.DataFrame:
-    input_ids, mask = lm.batch_tokens(prompts)
+    input_ids, mask = lm.pad([p.ids for p in prompts])
     start = (mask == 0).sum(-1)  # [B] first real token (left padding)
     recorder = LossRecorder()
     procs = row_processors([sampling] * len(prompts), seeds, start, lm.device)
@@ -151,10 +153,12 @@ def _generate_chunk(
         eos_token_id=lm.tokenizer.eos_token_id,
     )
     shared = all(a is adds[0] for a in adds)
+    spans = [p.span for p in prompts]
     with steer(
         lm,
         adds[0] if shared else adds,
         addition_location=addition_location,
+        spans=None if all(s is None for s in spans) else spans,
         res_stream_slice=res_stream_slice,
     ):
         out = lm.model.generate(  # type: ignore[operator]
@@ -177,7 +181,7 @@ def _generate_chunk(
     ]
     return pd.DataFrame(
         {
-            "prompts": prompts,
+            "prompts": [p.shown for p in prompts],
             "completions": completions,
             "is_modified": [bool(a) for a in adds],
             "loss": loss.tolist(),
@@ -200,8 +204,10 @@ def compare(
     top_k: int = 0,
     addition_location: str | None = None,
     res_stream_slice: slice = slice(None),
+    chat: bool = False,
 ) -> pd.DataFrame:
-    """``num_comparisons`` unsteered and steered completions, paired by seed, in one batch."""
+    """``num_comparisons`` unsteered and steered completions, paired by seed, in one batch
+    (``chat``: the prompt is a user message; see ``gen_using_activation_additions``)."""
     (adds,), _ = as_rows(activation_additions, 1)
     if not adds:
         raise ActAddError("compare needs at least one addition (e.g. get_x_vector(...))")
@@ -218,6 +224,7 @@ def compare(
         freq_penalty=freq_penalty,
         addition_location=addition_location,
         res_stream_slice=res_stream_slice,
+        chat=chat,
     )
 
 

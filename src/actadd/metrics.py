@@ -71,6 +71,20 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: Phrases that mark a refusal ("I'm sorry, but I can't ..."), for the ``refusal`` metric.
+REFUSAL_PHRASES = (
+    "sorry",
+    "can't",
+    "cannot",
+    "can not",
+    "unable",
+    "not able",
+    "won't",
+    "i'm afraid",
+    "decline",
+    "refuse",
+)
+
 #: The original library's wedding words (Turner et al. 2023, topic-steering experiment).
 WEDDING_WORDS = (
     "wedding",
@@ -301,6 +315,7 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("wedding", "count of the original library's wedding words"),
         MetricSpec("wedding_any", "1 if any wedding word occurs (a fraction once averaged)"),
         MetricSpec("sentiment", "VADER compound sentiment in [-1, 1]"),
+        MetricSpec("refusal", "1 if the text refuses (sorry, can't, unable, ...), else 0"),
         MetricSpec("words", "count of your words (--words a,b,c)", needs="words"),
         MetricSpec("similarity", "MiniLM cosine similarity to a passage (--target)", "target"),
     )
@@ -332,6 +347,8 @@ def make_metric(
         return get_word_count_metric(binary=True)
     if name == "sentiment":
         return get_sentiment_metric()
+    if name == "refusal":
+        return get_word_count_metric(REFUSAL_PHRASES, binary=True)
     if name == "words":
         return get_word_count_metric(list(words or []))
     return get_embedding_metric(str(target))

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from actadd.errors import ModelLoadError, PromptError
+from actadd.errors import ActAddError, ModelLoadError, PromptError
+from actadd.positions import Span
 from actadd.sites import SiteMap, get_module, guess_site_map
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["LM", "as_lm", "default_device"]
+__all__ = ["LM", "ChatTokens", "MessageSpan", "as_lm", "chat_messages", "default_device"]
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +171,11 @@ class LM:
                 return int(cand)
         return 0
 
+    def chat_tokens(self, messages: Any, *, add_generation_prompt: bool = True) -> ChatTokens:
+        """The chat template's tokens for ``messages`` and where each message's content is
+        (``ChatTokens.last_user`` is where chat steering lands); see ``_chat_tokens``."""
+        return _chat_tokens(self, messages, add_generation_prompt=add_generation_prompt)
+
     def encode_with_answer(self, prompt: str, answer: str) -> tuple[list[int], int]:
         """Token ids of ``prompt + answer`` and where the answer starts.
 
@@ -250,3 +257,123 @@ def as_lm(obj: Any, param: str = "model") -> LM:
     else:
         hint = "load one with actadd.load_model() or wrap yours: actadd.LM(model, tokenizer)"
     raise ModelLoadError(f"{param} must be an actadd.LM, got {name}: {hint}")
+
+
+# -- chat templates -------------------------------------------------------------------------------
+# Instruction-tuned models are prompted through a chat template that wraps the user's words in
+# role markers and, often, a system prompt. Steering meant for what the user wrote should land
+# there, not on the template's tokens: LM.chat_tokens renders the messages and records, for
+# each message, the token span of its content.
+ROLES = ("system", "developer", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class MessageSpan:
+    """Where message ``index`` (of ``role``) has its content: tokens ``[start, end)``."""
+
+    index: int
+    role: str
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ChatTokens:
+    """The chat template's tokens (with the assistant's turn opened) and each message's span."""
+
+    ids: tuple[int, ...]
+    messages: tuple[MessageSpan, ...]
+    text: str
+
+    @property
+    def last_user(self) -> Span:
+        """The span of the last user message's content: where steering lands by default."""
+        users = [m for m in self.messages if m.role == "user"]
+        if not users:
+            raise PromptError(
+                "a chat prompt without a user message: steering lands on the last user "
+                "message's content; add one ({'role': 'user', 'content': ...})"
+            )
+        return users[-1].start, users[-1].end
+
+
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """Messages as ``{"role", "content"}`` dicts with text content, checked."""
+    if not isinstance(messages, Sequence) or isinstance(messages, str) or not messages:
+        raise ActAddError("messages must be a non-empty list of {'role': ..., 'content': ...}")
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, Mapping) else getattr(m, "role", None)
+        content = m.get("content") if isinstance(m, Mapping) else getattr(m, "content", None)
+        if role not in ROLES:
+            raise ActAddError(f"messages[{i}].role must be one of {', '.join(ROLES)}, got {role!r}")
+        if isinstance(content, list):  # OpenAI content parts: text only
+            if any(not isinstance(p, Mapping) or p.get("type") != "text" for p in content):
+                raise ActAddError(f"messages[{i}].content: only text parts are supported")
+            content = "".join(str(p.get("text", "")) for p in content)
+        if not isinstance(content, str):
+            raise ActAddError(f"messages[{i}].content must be text, got {type(content).__name__}")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+def _chat_tokens(lm: LM, messages: Any, *, add_generation_prompt: bool = True) -> ChatTokens:
+    """Render ``messages`` with the model's chat template; find each message's content.
+
+    A model without a chat template gets a plain transcript (``role: content`` lines, then
+    ``assistant:``). The content of message ``i`` is looked up in the rendered text after the
+    previous message's (templates may trim it); a template that rewrites a message beyond
+    recognition raises instead of guessing.
+
+    Example:
+        >>> ct = lm.chat_tokens([{"role": "user", "content": "Hi there"}])  # doctest: +SKIP
+        >>> lm.to_string(list(ct.ids[slice(*ct.last_user)]))  # doctest: +SKIP
+        'Hi there'
+    """
+    turns = chat_messages(messages)
+    tok = lm.tokenizer
+    if getattr(tok, "chat_template", None):
+        try:
+            text = tok.apply_chat_template(
+                turns, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as e:  # templates raise on roles or orders they do not know
+            raise ActAddError(f"the model's chat template rejected the messages: {e}") from e
+    else:
+        text = "".join(f"{t['role']}: {t['content']}\n" for t in turns)
+        text += "assistant:" if add_generation_prompt else ""
+    chars = []
+    cursor = 0
+    for i, t in enumerate(turns):
+        needle = t["content"].strip()
+        at = text.find(needle, cursor) if needle else cursor
+        if at < 0:
+            raise ActAddError(
+                f"cannot find message {i}'s text in what the chat template made of it: the "
+                "template rewrites it, so where to steer is unclear"
+            )
+        chars.append((at, at + len(needle)))
+        cursor = at + len(needle)
+    ids, offsets = _tokens_with_offsets(lm, text)
+    spans = []
+    for i, ((a, b), t) in enumerate(zip(chars, turns, strict=True)):
+        inside = [k for k, (s, e) in enumerate(offsets) if s < b and e > a and e > s]
+        start, end = (inside[0], inside[-1] + 1) if inside else (0, 0)
+        spans.append(MessageSpan(i, t["role"], start, end))
+    return ChatTokens(tuple(ids), tuple(spans), text)
+
+
+def _tokens_with_offsets(lm: LM, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids of ``text`` (its special tokens are text) and each token's character span."""
+    tok = lm.tokenizer
+    try:
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc.input_ids), [tuple(o) for o in enc.offset_mapping]
+    except (NotImplementedError, TypeError, ValueError):  # a slow tokenizer: by prefixes
+        ids = list(tok(text, add_special_tokens=False).input_ids)
+        offsets, prev = [], 0
+        for k in range(1, len(ids) + 1):
+            end = len(tok.decode(ids[:k]))
+            offsets.append((prev, end))
+            prev = end
+        return ids, offsets

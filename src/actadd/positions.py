@@ -8,13 +8,16 @@ the KV-cache length; never from the tensor's shape alone (a decoding step has on
 sits at position ``n``).
 
 A *location* says which logical positions an addition of ``L`` tokens covers in a prompt of
-``P`` tokens:
+``P`` tokens, relative to a *span* of it (``[s, e)``; the whole prompt ``[0, P)`` unless the
+caller names one, e.g. the last user message of a chat):
 
-* ``front``: ``[0, L)``: addition position ``i`` onto prompt position ``i`` (ActAdd);
-* ``mid``: ``L`` positions centred on the prompt's middle;
-* ``back``: the last ``L`` prompt positions;
-* ``all``: the mean of the addition's vectors on every real token, prompt and generated
-  (CAA/repeng).
+* ``front``: ``[s, s + L)``: addition position ``i`` onto span position ``i`` (ActAdd);
+* ``mid``: ``L`` positions centred on the span's middle;
+* ``back``: the last ``L`` positions of the span;
+* ``all``: the mean of the addition's vectors on every token of the span and every generated
+  token (CAA/repeng; with no span named, every real token);
+* ``generated``: the mean vector on generated tokens only (positions ``>= P``), never on the
+  prompt.
 
 A *layout* is a ``[R, W, D]`` tensor per site: row ``r``'s summed additions at logical
 positions ``0..W-1`` (``W = 1`` for ``all``). Steering gathers from it at each token's logical
@@ -33,9 +36,12 @@ from actadd.errors import ActAddError, PromptError
 
 __all__ = [
     "LOCATIONS",
+    "POSITIONAL",
+    "Span",
     "addition_offset",
     "check_location",
     "check_prompt_lengths",
+    "check_span",
     "injected_mask",
     "injected_span",
     "layouts",
@@ -43,7 +49,9 @@ __all__ = [
     "lowest_position",
 ]
 
-LOCATIONS = ("front", "mid", "back", "all")
+LOCATIONS = ("front", "mid", "back", "all", "generated")
+POSITIONAL = ("front", "mid", "back")  # an addition's positions onto the span's
+Span = tuple[int, int]  # [start, end) of logical prompt positions
 
 K = TypeVar("K", bound=Hashable)
 
@@ -57,50 +65,77 @@ def check_location(location: object) -> str:
     return str(location)
 
 
-def addition_offset(location: str, prompt_len: int, add_len: int) -> int:
-    """First prompt position an addition of ``add_len`` tokens lands on (not for ``all``).
+def check_span(span: Span | None, prompt_len: int) -> Span:
+    """``span`` (default: the whole prompt) if it lies inside a prompt of ``prompt_len``."""
+    if span is None:
+        return 0, prompt_len
+    start, end = int(span[0]), int(span[1])
+    if not 0 <= start < end <= prompt_len:
+        raise PromptError(
+            f"span {span} is not a non-empty part of the prompt's {prompt_len} tokens"
+        )
+    return start, end
+
+
+def addition_offset(location: str, prompt_len: int, add_len: int, span: Span | None = None) -> int:
+    """First prompt position an addition of ``add_len`` tokens lands on (``front``, ``mid``
+    or ``back`` of ``span``, default the whole prompt).
 
     Example:
         >>> [addition_offset(loc, 10, 4) for loc in ("front", "mid", "back")]
         [0, 3, 6]
+        >>> addition_offset("back", 10, 2, span=(2, 6))
+        4
     """
+    start, end = check_span(span, prompt_len)
+    n = end - start
     if location == "front":
-        return 0
+        return start
     if location == "back":
-        return prompt_len - add_len
+        return start + n - add_len
     if location == "mid":
-        return prompt_len // 2 - add_len // 2
-    raise ActAddError(f"location {location!r} has no offset (it covers every token)")
+        return start + n // 2 - add_len // 2
+    raise ActAddError(f"location {location!r} has no offset (it covers whole ranges of tokens)")
 
 
-def injected_span(location: str, prompt_len: int, add_len: int) -> slice:
+def injected_span(location: str, prompt_len: int, add_len: int, span: Span | None = None) -> slice:
     """The prompt positions an addition of ``add_len`` tokens writes to, as a slice.
 
+    ``all`` writes the whole span (and generated tokens, which are not prompt positions);
+    ``generated`` writes no prompt position.
+
     Example:
-        >>> injected_span("mid", 10, 4), injected_span("all", 10, 4)
-        (slice(3, 7, None), slice(0, 10, None))
+        >>> injected_span("mid", 10, 4), injected_span("all", 10, 4, span=(3, 8))
+        (slice(3, 7, None), slice(3, 8, None))
     """
     check_location(location)
-    if add_len <= 0:
+    start, end = check_span(span, prompt_len)
+    if add_len <= 0 or location == "generated":
         return slice(0, 0)
     if location == "all":
-        return slice(0, prompt_len)
-    check_prompt_lengths([add_len], [prompt_len])
-    off = addition_offset(location, prompt_len, add_len)
+        return slice(start, end)
+    which = "the prompt" if span is None else f"the span {span} of the prompt"
+    if end - start < add_len:
+        raise PromptError(
+            f"{which} has {end - start} tokens but its addition has {add_len}: use a longer "
+            "prompt, a shorter addition prompt, pad_method='tokens_right' on a shorter pair, "
+            "or addition_location='all'"
+        )
+    off = addition_offset(location, prompt_len, add_len, span)
     return slice(off, off + add_len)
 
 
-def injected_mask(location: str, prompt_len: int, add_len: int) -> Tensor:
+def injected_mask(location: str, prompt_len: int, add_len: int, span: Span | None = None) -> Tensor:
     """``bool[prompt_len]``: the prompt positions an addition of ``add_len`` tokens writes to.
 
-    ``add_len == 0`` (no addition) writes nowhere; ``all`` writes everywhere.
+    ``add_len == 0`` (no addition) writes nowhere; ``all`` writes the whole span.
 
     Example:
         >>> injected_mask("back", 5, 2).tolist()
         [False, False, False, True, True]
     """
     mask = torch.zeros(prompt_len, dtype=torch.bool)
-    mask[injected_span(location, prompt_len, add_len)] = True
+    mask[injected_span(location, prompt_len, add_len, span)] = True
     return mask
 
 

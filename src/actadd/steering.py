@@ -25,18 +25,21 @@ import logging
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
+from actadd.conditions import Conditional
 from actadd.errors import ActAddError, OutlierWarning, PromptError, SiteError
 from actadd.forward_inputs import ForwardInputs, ForwardReader
 from actadd.hooks import HookFn, hooked, is_paused
 from actadd.model import LM, as_lm
 from actadd.positions import (
     LOCATIONS,
+    POSITIONAL,
+    Span,
     addition_offset,
     check_location,
     check_prompt_lengths,
@@ -49,7 +52,10 @@ from actadd.sites import Site
 
 __all__ = [
     "LOCATIONS",
+    "Conditioned",
     "Injection",
+    "Placed",
+    "RowPlan",
     "Steerable",
     "Steering",
     "as_rows",
@@ -71,6 +77,7 @@ class Injection:
     tensor: Tensor  # [L, D]
     coeff: float = 1.0  # already applied to tensor; kept for magnitude diagnostics
     default_location: str = "front"  # where it lands unless the caller says otherwise
+    condition: Conditional | None = None  # applies only to rows for which it holds
 
 
 @runtime_checkable
@@ -78,6 +85,41 @@ class Steerable(Protocol):
     """Anything ``steer`` accepts: it resolves itself into injections for a model."""
 
     def injections(self, lm: LM) -> list[Injection]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Conditioned:
+    """Steering by ``additions`` that applies to a row only if ``condition`` holds for that
+    row's prompt (``actadd.conditions``); on the other rows it adds exactly nothing.
+
+    Example:
+        >>> refuse_legal = Conditioned(refusal * 6, legal)  # doctest: +SKIP
+        >>> with steer(lm, [refuse_legal]): ...  # doctest: +SKIP
+    """
+
+    additions: Any
+    condition: Conditional
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.condition, Conditional):
+            raise ActAddError(
+                f"condition must be an actadd.Condition (or a composition of them), got "
+                f"{type(self.condition).__name__}"
+            )
+
+    def injections(self, lm: LM) -> list[Injection]:
+        rows, per_row = as_rows(self.additions)
+        if per_row:
+            raise ActAddError("Conditioned takes one list of additions, not one per row")
+        for leaf in self.condition.leaves():
+            leaf.resolve_site(lm)
+        return [replace(i, condition=self.condition) for i in resolve(lm, rows)[0]]
+
+    def describe(self) -> str:
+        inner = "; ".join(
+            getattr(a, "describe", lambda a=a: repr(a))() for a in as_rows(self.additions)[0][0]
+        )
+        return f"if {self.condition.describe()}: {inner}"
 
 
 # -- the one normaliser of additions -------------------------------------------------------------
@@ -174,11 +216,13 @@ def injected(
     prompt_len: int,
     location: str | None = None,
     *,
+    span: Span | None = None,
     include_all: bool = True,
 ) -> Tensor:
     """``bool[prompt_len]``: the prompt positions these injections write to, each at
-    ``location`` or its own default. This one function answers "where did steering write?"
-    for metrics (which mask those predictions), diagnostics and the server.
+    ``location`` or its own default, relative to ``span`` (default the whole prompt). This one
+    function answers "where did steering write?" for metrics (which mask those predictions),
+    diagnostics and the server.
 
     ``include_all=False`` leaves out injections at ``all``: they write everywhere, so a loss
     that masked them would have nothing left to score.
@@ -188,11 +232,46 @@ def injected(
         where = location or inj.default_location
         if where == "all" and not include_all:
             continue
-        mask[injected_span(where, prompt_len, inj.tensor.shape[0])] = True
+        mask[injected_span(where, prompt_len, inj.tensor.shape[0], span)] = True
     return mask
 
 
 # -- the state of one steer() block --------------------------------------------------------------
+@dataclass(frozen=True)
+class Placed:
+    """An injection with the location it lands at (the caller's, else its own default)."""
+
+    injection: Injection
+    location: str
+
+    @property
+    def site(self) -> Site:
+        return self.injection.site
+
+    @property
+    def length(self) -> int:
+        return int(self.injection.tensor.shape[0])
+
+
+@dataclass
+class RowPlan:
+    """One batch row's steering: its placed injections, the part of its prompt they refer to
+    (``span``; None is the whole prompt), and what its prompt decided: its length and, for
+    conditional injections, whether each condition holds."""
+
+    placed: list[Placed]
+    span: Span | None = None
+    prompt_len: int | None = None
+    gates: dict[int, bool] = field(default_factory=dict)  # id(condition) -> holds
+
+    def needs_prompt(self) -> bool:
+        """Whether where it lands depends on the prompt (its length or its hidden states)."""
+        return self.span is not None or any(
+            p.location in ("mid", "back", "generated") or p.injection.condition is not None
+            for p in self.placed
+        )
+
+
 @dataclass
 class _Forward:
     """What the root hook learned about the forward pass under way."""
@@ -200,26 +279,39 @@ class _Forward:
     shape: tuple[int, int]  # (B, T)
     idx: Tensor | None  # [B, T] long: position in the positional layouts (None: none here)
     valid: Tensor | None  # [B, T, 1]: the token is real and inside a positional layout
-    every: bool  # the "all" layouts apply to this forward
-    real: Tensor | None  # [B, T, 1]: real tokens for "all" (None: every token is real)
+    every: Tensor | None  # [B, T, 1] float: tokens "all" covers (None with every_full)
+    every_full: bool  # "all" covers every token of this forward (a broadcast suffices)
+    generated: Tensor | None  # [B, T, 1] float: real tokens past each row's prompt
+    fresh: Tensor | None  # [B, T, 1] float: prompt (span) tokens whose conditions are read now
 
     @property
     def active(self) -> bool:
-        """Whether anything is added in this forward."""
-        return self.idx is not None or self.every
+        """Whether anything can be added in this forward."""
+        return (
+            self.idx is not None
+            or self.every_full
+            or self.every is not None
+            or (self.generated is not None)
+        )
 
 
 class Steering:
-    """The state of one ``steer`` block: layouts per site and the current forward's positions.
+    """The state of one ``steer`` block: per-row plans, their layouts, and the current
+    forward's positions.
 
-    Each injection lands at its own location: the row's location if one is given, else its
-    own default (``front`` for prompt additions, ``all`` for steering vectors).
+    Each injection lands at its own location (the row's if given, else its own default:
+    ``front`` for prompt additions, ``all`` for steering vectors), relative to the row's span
+    (default the whole prompt). Conditional injections (``Conditioned``) form groups with a
+    gate per row: the condition is read at its site when the row's prompt passes, and until
+    then (sites before it) the group steers generated tokens only, so the same tokens are
+    steered with and without the KV cache.
 
     Args:
         lm: the model.
         rows: one list of injections per batch row, or a single list shared by all rows.
         per_row: whether ``rows`` has one entry per batch row.
         locations: one location per entry of ``rows`` (None: each injection's default).
+        spans: one span per batch row (``[start, end)`` of its prompt), or None.
         dims: the residual dimensions to change (``res_stream_slice``).
     """
 
@@ -230,63 +322,145 @@ class Steering:
         *,
         per_row: bool,
         locations: list[str | None] | None = None,
+        spans: Sequence[Span | None] | None = None,
         dims: slice = slice(None),
     ) -> None:
-        self.lm, self.per_row, self.dims = lm, per_row, dims
+        self.lm, self.dims = lm, dims
         locations = locations or [None] * len(rows)
         for row in rows:
             validate_injections(row, lm.d_model)
-        placed = [
-            [(i, check_location(loc or i.default_location)) for i in row]
-            for row, loc in zip(rows, locations, strict=True)
+        if spans is not None:  # spans are per batch row: so are the plans
+            if not per_row:
+                rows, locations = rows * len(spans), locations * len(spans)
+            elif len(spans) != len(rows):
+                raise ActAddError(f"{len(spans)} spans for {len(rows)} rows of additions")
+            per_row = True
+        plans = [
+            RowPlan(
+                [Placed(i, check_location(loc or i.default_location)) for i in row],
+                None if spans is None else spans[r],
+            )
+            for r, (row, loc) in enumerate(zip(rows, locations, strict=True))
         ]
-        self.sites = sorted({i.site for row in rows for i in row}, key=lambda s: s.order)
-        self.locations = sorted({loc for row in placed for _, loc in row})
-        # positional additions (front/mid/back) are laid out over the prompt's positions
-        self.positional = [[(i, loc) for i, loc in row if loc != "all"] for row in placed]
-        self.need = [max((i.tensor.shape[0] for i, _ in r), default=0) for r in self.positional]
-        self.tracks_prompt = any(loc in ("mid", "back") for loc in self.locations)
-        self.pos_layouts: dict[Site, Tensor] = {}
-        self.width = 1
-        if any(self.positional) and not self.tracks_prompt:  # front only: known now
-            self._lay_out(self.positional, [[0] * len(r) for r in self.positional])
-        # "all": each row's mean addition vector on every real token
-        means = [
-            [(i.site, i.tensor.mean(0, keepdim=True), 0) for i, loc in row if loc == "all"]
-            for row in placed
-        ]
-        self.all_layouts = layouts(means, 1, lm.d_model, dims=dims)
-        self._cast: dict[tuple[str, Site, torch.dtype, torch.device], Tensor] = {}
-        self._fwd: _Forward | None = None
-        self._seen: Tensor | None = None  # tokens so far (mid/back: detect uncached decoding)
-        self._reader = ForwardReader(lm.base_model)
+        self._setup(plans, per_row=per_row, decoding=False)
         self._warn_sink()
 
-    def _lay_out(self, rows: list[list[tuple[Injection, str]]], offsets: list[list[int]]) -> None:
-        width = max(
-            [
-                off + i.tensor.shape[0]
-                for r, o in zip(rows, offsets, strict=True)
-                for (i, _), off in zip(r, o, strict=True)
-            ]
-            + [1]
-        )
-        placed = [
-            [(i.site, i.tensor, off) for (i, _), off in zip(row, offs, strict=True)]
-            for row, offs in zip(rows, offsets, strict=True)
+    @classmethod
+    def for_plans(cls, lm: LM, plans: list[RowPlan], *, dims: slice = slice(None)) -> Steering:
+        """Steering for rows whose prompts have been read already (each plan's
+        ``prompt_len`` and ``gates`` known), one plan per batch row: the continuous-batching
+        scheduler (``actadd.batching``) decodes such rows together while they come and go."""
+        self = cls.__new__(cls)
+        self.lm, self.dims = lm, dims
+        if any(p.prompt_len is None for p in plans):
+            raise ActAddError("for_plans needs plans whose prompt has been read (prompt_len set)")
+        self._setup(plans, per_row=True, decoding=True)
+        return self
+
+    def _setup(self, plans: list[RowPlan], *, per_row: bool, decoding: bool) -> None:
+        lm = self.lm
+        self.per_row, self.plans, self.decoding = per_row, plans, decoding
+        placed = [p for plan in self.plans for p in plan.placed]
+        self.sites = sorted({p.site for p in placed}, key=lambda s: s.order)
+        self.locations = sorted({p.location for p in placed})
+        # groups: None (unconditional) first, then each condition, by identity
+        self.conditions: list[Conditional] = []
+        for p in placed:
+            c = p.injection.condition
+            if c is not None and all(c is not g for g in self.conditions):
+                self.conditions.append(c)
+        self.groups: list[Conditional | None] = [None, *self.conditions]
+        self.leaves = list(dict.fromkeys(leaf for g in self.conditions for leaf in g.leaves()))
+        self.leaf_sites = {leaf: leaf.resolve_site(lm) for leaf in self.leaves}
+        # the site after which each condition is known (its deepest leaf)
+        self.known_at = {
+            id(g): max((self.leaf_sites[leaf] for leaf in g.leaves()), key=lambda s: s.order)
+            for g in self.conditions
+        }
+        self.tracks_prompt = any(plan.needs_prompt() for plan in self.plans)
+        self.need = [
+            max((p.length for p in plan.placed if p.location in POSITIONAL), default=0)
+            for plan in self.plans
         ]
-        self.pos_layouts = layouts(placed, width, self.lm.d_model, dims=self.dims)
+        self._layouts: dict[tuple[int, Site], dict[str, Tensor]] = {}  # (group, site) -> parts
+        self.width = 1
+        self._gates: dict[int, Tensor] = {}  # id(condition) -> [R] float, once known
+        self._scores: dict[Any, Tensor] = {}  # leaf -> [B] scores of the prompt being read
+        self._cast: dict[tuple[Any, ...], Tensor] = {}
+        self._fwd: _Forward | None = None
+        self._seen: Tensor | None = None  # tokens so far (detect uncached decoding)
+        self._reader = ForwardReader(lm.base_model)
+        self._row_plans = self.plans
+        if decoding:  # prompts read before: their layouts and gates are known
+            self._lay_out(self.plans)
+            self._gates = {
+                id(g): torch.tensor([float(p.gates.get(id(g), False)) for p in self.plans])
+                for g in self.conditions
+            }
+        elif not self.tracks_prompt:  # front/all without spans or conditions: known now
+            self._lay_out(self.plans)
+
+    # -- layouts ---------------------------------------------------------------------------------
+    def _lay_out(self, plans: list[RowPlan]) -> None:
+        """Stack the plans' additions per (group, site): ``pos`` ``[R, W, D]`` over logical
+        positions, ``all`` and ``generated`` ``[R, 1, D]`` mean vectors."""
+        groups = {id(g): k for k, g in enumerate(self.groups)}
+        pos: list[list[tuple[tuple[int, Site], Tensor, int]]] = []
+        every: list[list[tuple[tuple[int, Site], Tensor, int]]] = []
+        gen: list[list[tuple[tuple[int, Site], Tensor, int]]] = []
+        width = 1
+        for plan in plans:
+            p_row, a_row, g_row = [], [], []
+            for p in plan.placed:
+                key = (groups[id(p.injection.condition)] if p.injection.condition else 0, p.site)
+                t = p.injection.tensor
+                if p.location in POSITIONAL:
+                    off = (
+                        addition_offset(p.location, plan.prompt_len, p.length, plan.span)
+                        if plan.prompt_len is not None
+                        else 0
+                        if plan.span is None
+                        else plan.span[0]
+                    )
+                    p_row.append((key, t, off))
+                    width = max(width, off + p.length)
+                elif p.location == "all":
+                    a_row.append((key, t.mean(0, keepdim=True), 0))
+                else:  # generated
+                    g_row.append((key, t.mean(0, keepdim=True), 0))
+            pos.append(p_row)
+            every.append(a_row)
+            gen.append(g_row)
+        self._layouts = {}
+        for part, rows, w in (("pos", pos, width), ("all", every, 1), ("gen", gen, 1)):
+            for key, lay in layouts(rows, w, self.lm.d_model, dims=self.dims).items():
+                self._layouts.setdefault(key, {})[part] = lay
         self.width = width
+        self._spans = self._span_tensor(plans)
+        self._prompt_lens = (
+            torch.tensor([p.prompt_len or 0 for p in plans])
+            if all(p.prompt_len is not None for p in plans)
+            else None
+        )
         self._cast = {}
+
+    @staticmethod
+    def _span_tensor(plans: list[RowPlan]) -> Tensor | None:
+        if all(p.span is None for p in plans):
+            return None
+        return torch.tensor(
+            [p.span if p.span is not None else (0, p.prompt_len or 2**31 - 1) for p in plans]
+        )
 
     def _warn_sink(self) -> None:
         """A direction (a steering vector, made for every token) put at ``front`` lands on
         position 0 only: most models' attention sink, where it does next to nothing. Prompt
         additions are left to ``steering_magnitudes_relative_to_prompt``: an x-vector whose
         sides both sit on the sink can steer through their difference."""
-        for row in self.positional:
-            for inj, loc in row:
-                if loc == "front" and inj.tensor.shape[0] == 1 and inj.default_location == "all":
+        for plan in self.plans:
+            for p in plan.placed:
+                inj = p.injection
+                if p.location == "front" and p.length == 1 and inj.default_location == "all":
                     warnings.warn(
                         f"a steering vector at {inj.site} with location 'front' lands only on "
                         "position 0, which most models use as an attention sink: it will barely "
@@ -297,7 +471,14 @@ class Steering:
                     return
 
     def describe(self) -> str:
-        return f"{'/'.join(self.locations)} additions at {', '.join(s.name for s in self.sites)}"
+        where = "/".join(self.locations)
+        cond = f", {len(self.groups) - 1} condition(s)" if len(self.groups) > 1 else ""
+        return f"{where} additions at {', '.join(s.name for s in self.sites)}{cond}"
+
+    @property
+    def hooked_sites(self) -> list[Site]:
+        """Every site a hook goes on: the additions' and the conditions'."""
+        return sorted({*self.sites, *self.leaf_sites.values()}, key=lambda s: s.order)
 
     # -- the root hook: positions of this forward pass ------------------------------------------
     def on_forward(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -305,38 +486,30 @@ class Steering:
             self._fwd = None
             return None
         f = self._reader.read(args, kwargs)
-        if self.per_row and len(self.positional) != f.batch:
+        if self.per_row and len(self.plans) != f.batch:
             raise ActAddError(
-                f"per-row additions were given for {len(self.positional)} rows but the model "
-                f"got a batch of {f.batch}; pass one list of additions per prompt (and no "
+                f"per-row additions were given for {len(self.plans)} rows but the model got a "
+                f"batch of {f.batch}; pass one list of additions per prompt (and no "
                 "num_return_sequences/beams), or one shared list"
             )
         self._fwd = self._plan(f)
         return None
 
     def _plan(self, f: ForwardInputs) -> _Forward:
-        every, real = False, None
-        if self.all_layouts:  # every real token: only padding matters
-            if f.mask is not None:
-                new = f.mask[:, f.past : f.past + f.tokens].bool()  # [B, T]
-                every, real = bool(new.any()), None if bool(new.all()) else new[..., None]
-            else:
-                every = True
-        idx = valid = None
-        if any(self.positional):
-            idx, valid = self._positions(f)
-        return _Forward((f.batch, f.tokens), idx, valid, every, real)
-
-    def _positions(self, f: ForwardInputs) -> tuple[Tensor | None, Tensor | None]:
-        """Layout index and validity of each token for the positional additions."""
-        if f.past > 0 and self.pos_layouts:
+        shape = (f.batch, f.tokens)
+        simple = not self.tracks_prompt and not self._has("pos")
+        if simple:  # "all" only, no spans, no conditions: only padding matters
+            if f.mask is None:
+                return _Forward(shape, None, None, None, True, None, None)
+            real = f.mask[:, f.past : f.past + f.tokens].bool()  # [B, T]
+            if bool(real.all()):
+                return _Forward(shape, None, None, None, True, None, None)
+            every = real[..., None].float() if bool(real.any()) else None
+            return _Forward(shape, None, None, every, False, None, None)
+        if not self.tracks_prompt and f.past > 0 and not self._has("all"):
             lowest = lowest_position(f.past, attention_mask=f.mask, position_ids=f.position_ids)
-            if lowest >= self.width:
-                # a cached step whose tokens all sit beyond the layouts (decoding after the
-                # prompt): nothing to add, and no positions to compute
-                if self.tracks_prompt:
-                    self._continue_prompt(f.ids)
-                return None, None
+            if lowest >= self.width:  # a cached step past the front layouts: nothing to add
+                return _Forward(shape, None, None, None, False, None, None)
         logical, real = logical_positions(
             f.batch,
             f.tokens,
@@ -345,35 +518,74 @@ class Steering:
             position_ids=f.position_ids,
             device=f.device,
         )
-        if self.tracks_prompt:
-            self._track_prompt(f.ids, f.past, real)
+        fresh = False
+        if self.decoding:
+            if f.past == 0:
+                raise ActAddError("steering for decoding rows got a forward without a cache")
+        elif self.tracks_prompt:
+            fresh = self._track_prompt(f.ids, f.past, real)
         elif f.past == 0:
             check_prompt_lengths(self._need(f.batch), real.sum(-1).tolist())
-        idx = logical.clamp(0, self.width - 1)
-        valid = real & (logical < self.width)
-        if not bool(valid.any()):
-            return None, None
-        return idx, valid[..., None]
+        return self._masks(shape, logical, real, fresh)
+
+    def _has(self, part: str) -> bool:
+        return any(part in parts for parts in self._layouts.values())
+
+    def _masks(
+        self, shape: tuple[int, int], logical: Tensor, real: Tensor, fresh: bool
+    ) -> _Forward:
+        """Which tokens each kind of addition touches in this forward."""
+        idx = valid = None
+        if self._has("pos"):
+            v = real & (logical < self.width)
+            if bool(v.any()):
+                idx, valid = logical.clamp(0, self.width - 1), v[..., None]
+        lens, spans = self._prompt_lens, self._spans
+        if lens is not None:
+            lens = lens.to(logical.device)[:, None]  # [R, 1]
+            after = real & (logical >= lens)  # generated tokens
+        else:
+            after = torch.zeros_like(real)
+        every: Tensor | None = None
+        every_full = False
+        if self._has("all"):
+            if spans is not None:
+                s = spans.to(logical.device)
+                inside = (logical >= s[:, :1]) & (logical < s[:, 1:])
+                every = ((real & inside) | after)[..., None].float()
+            elif bool(real.all()):
+                every_full = True
+            else:
+                every = real[..., None].float()
+        generated = after[..., None].float() if self._has("gen") and bool(after.any()) else None
+        fresh_mask = None
+        if fresh and self.leaves:
+            assert lens is not None  # conditions track the prompt
+            span_lo = spans[:, 0].to(logical.device)[:, None] if spans is not None else 0
+            span_hi = spans[:, 1].to(logical.device)[:, None] if spans is not None else lens
+            fresh_mask = (real & (logical >= span_lo) & (logical < span_hi))[..., None].float()
+        return _Forward(shape, idx, valid, every, every_full, generated, fresh_mask)
 
     def _need(self, batch: int) -> list[int]:
         return self.need if self.per_row else self.need * batch
 
     def _continue_prompt(self, ids: Tensor | None) -> None:
-        """Cached decoding under ``mid``/``back``: the prompt's layout stands; record the text."""
+        """Cached decoding after the prompt: its layout stands; record the text."""
         if self._seen is None:
             raise PromptError(
-                f"addition_location {'/'.join(self.locations)!r} needs to see the prompt, but "
-                "this forward pass continues a KV cache filled outside steer(); run the prompt "
-                "inside the steer() block"
+                f"steering at {'/'.join(self.locations)} (or with spans or conditions) needs "
+                "to see the prompt, but this forward pass continues a KV cache filled outside "
+                "steer(); run the prompt inside the steer() block"
             )
         if ids is not None:
             self._seen = torch.cat([self._seen, ids], 1)
 
-    def _track_prompt(self, ids: Tensor | None, past: int, real: Tensor) -> None:
-        """``mid``/``back``: lay the additions out relative to each row's prompt length."""
+    def _track_prompt(self, ids: Tensor | None, past: int, real: Tensor) -> bool:
+        """Lay the additions out relative to each row's prompt; True when this forward is the
+        prompt's (its conditions are read in it)."""
         if past > 0:  # cached decoding: the prompt's layout stands
             self._continue_prompt(ids)
-            return
+            return False
         seen = self._seen
         extends = (
             seen is not None
@@ -384,30 +596,61 @@ class Steering:
         )
         self._seen = ids
         if extends:  # uncached decoding: same prompt, longer text
-            return
+            return False
         lengths = real.sum(-1).tolist()  # [B] prompt lengths
-        check_prompt_lengths(self._need(len(lengths)), lengths)
-        rows = self.positional if self.per_row else self.positional * len(lengths)
-        offsets = [
-            [0 if loc == "front" else addition_offset(loc, p, i.tensor.shape[0]) for i, loc in row]
-            for row, p in zip(rows, lengths, strict=True)
-        ]
-        self._lay_out(rows, offsets)
+        plans = (
+            self.plans
+            if self.per_row
+            else [RowPlan(self.plans[0].placed, self.plans[0].span) for _ in lengths]
+        )
+        for r, (plan, n) in enumerate(zip(plans, lengths, strict=True)):
+            plan.prompt_len, plan.gates = int(n), {}
+            for p in plan.placed:
+                if p.location in POSITIONAL:
+                    try:  # refuse a prompt (or span) shorter than its addition
+                        injected_span(p.location, int(n), p.length, plan.span)
+                    except PromptError as e:
+                        raise PromptError(f"row {r}: {e}" if len(plans) > 1 else str(e)) from e
+        self._row_plans = plans
+        self._lay_out(plans)
+        self._gates, self._scores = {}, {}
+        return True
+
+    # -- condition hooks: read each row's prompt at the condition's site --------------------------
+    def condition_fn(self, leaf: Any) -> HookFn:
+        def read(h: Tensor) -> None:
+            fwd = self._fwd
+            if fwd is None or fwd.fresh is None:
+                return None
+            w = fwd.fresh.to(h.device)  # [B, T, 1]
+            mean = (h.float() * w).sum(1) / w.sum(1).clamp_min(1.0)  # [B, D]
+            self._scores[leaf] = leaf.score(mean).cpu()
+            for g in self.conditions:
+                if id(g) not in self._gates and all(x in self._scores for x in g.leaves()):
+                    holds = g.holds(self._scores).float()  # [B]
+                    self._gates[id(g)] = holds
+                    for plan, ok in zip(self._row_plans, holds.tolist(), strict=True):
+                        plan.gates[id(g)] = bool(ok)
+            return None
+
+        return read
 
     # -- the site hooks ---------------------------------------------------------------------------
-    def _layout(self, kind: str, site: Site, h: Tensor) -> Tensor | None:
-        """The layout of ``kind`` at ``site`` on ``h``'s device and dtype (each layer its own,
-        for models split across devices), cast once per forward layout."""
-        source = self.pos_layouts if kind == "pos" else self.all_layouts
-        if site not in source:
+    def _part(self, key: tuple[int, Site], part: str, h: Tensor) -> Tensor | None:
+        """A layout on ``h``'s device and dtype (each layer its own, for models split across
+        devices), cast once per layout."""
+        parts = self._layouts.get(key)
+        if parts is None or part not in parts:
             return None
-        key = (kind, site, h.dtype, h.device)
-        lay = self._cast.get(key)
+        ck = (key, part, h.dtype, h.device)
+        lay = self._cast.get(ck)
         if lay is None:
-            lay = self._cast[key] = source[site].to(device=h.device, dtype=h.dtype)
+            lay = self._cast[ck] = parts[part].to(device=h.device, dtype=h.dtype)
         return lay
 
     def site_fn(self, site: Site) -> HookFn:
+        groups = [k for k, _ in enumerate(self.groups)]
+
         def add(h: Tensor) -> Tensor | None:
             fwd = self._fwd
             if fwd is None or not fwd.active:
@@ -418,19 +661,52 @@ class Steering:
                     f"pass has batch×tokens {fwd.shape}; call the whole model, not one layer"
                 )
             out = h
-            if fwd.every and (lay := self._layout("all", site, h)) is not None:
-                # lay [1 or B, 1, D] broadcasts over tokens
-                out = out + lay if fwd.real is None else out + lay * fwd.real.to(h.device)
-            if fwd.idx is not None and (lay := self._layout("pos", site, h)) is not None:
-                lay = lay.expand(h.shape[0], -1, -1) if lay.shape[0] == 1 else lay
-                assert fwd.valid is not None  # set together with idx
-                idx = fwd.idx.to(h.device)
-                # [B, T, D] <- layout rows at each token's logical position
-                delta = lay.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
-                out = out + delta * fwd.valid.to(h.device)
+            for k in groups:
+                delta = self._delta((k, site), fwd, h, early=self._early(k, site))
+                if delta is None:
+                    continue
+                if k:  # a condition's rows: the gate (unknown yet: 0, generated tokens only)
+                    gate = self._gates.get(id(self.groups[k]))
+                    if gate is None:
+                        continue
+                    delta = delta * gate.to(device=h.device, dtype=h.dtype)[:, None, None]
+                out = out + delta
             return out if out is not h else None
 
         return add
+
+    def _early(self, k: int, site: Site) -> bool:
+        """Whether ``site`` comes before condition ``k`` is known (it then steers generated
+        tokens only)."""
+        return k > 0 and site.order < self.known_at[id(self.groups[k])].order
+
+    def _delta(
+        self, key: tuple[int, Site], fwd: _Forward, h: Tensor, *, early: bool
+    ) -> Tensor | None:
+        delta: Tensor | None = None
+        d: Tensor | None
+        pos = self._part(key, "pos", h)
+        if pos is not None and fwd.idx is not None and not early:
+            pos = pos.expand(h.shape[0], -1, -1) if pos.shape[0] == 1 else pos
+            assert fwd.valid is not None  # set together with idx
+            idx = fwd.idx.to(h.device)
+            # [B, T, D] <- layout rows at each token's logical position
+            d = pos.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
+            delta = d * fwd.valid.to(h.device)
+        lay = self._part(key, "all", h)
+        if lay is not None:
+            cover = fwd.generated if early else fwd.every
+            if early or not fwd.every_full:
+                d = None if cover is None else lay * cover.to(device=h.device, dtype=h.dtype)
+            else:  # lay [1 or B, 1, D] broadcasts over tokens
+                d = lay.expand(h.shape[0], h.shape[1], -1) if delta is None else lay
+            if d is not None:
+                delta = d if delta is None else delta + d
+        lay = self._part(key, "gen", h)
+        if lay is not None and fwd.generated is not None:
+            d = lay * fwd.generated.to(device=h.device, dtype=h.dtype)
+            delta = d if delta is None else delta + d
+        return delta
 
 
 @contextmanager
@@ -439,17 +715,22 @@ def steer(
     activation_additions: Any,
     *,
     addition_location: str | Sequence[str | None] | None = None,
+    spans: Sequence[Span | None] | None = None,
     res_stream_slice: slice = slice(None),
 ) -> Iterator[Steering]:
     """Steer ``lm.model`` (its forward and ``generate``) inside the ``with`` block.
 
     Args:
         lm: the model.
-        activation_additions: ``ActivationAddition``/``SteeringVector`` objects, or one list
-            of them per batch row (each row steered by its own list); see ``as_rows``.
-        addition_location: ``front`` (ActAdd), ``mid``, ``back`` or ``all``
+        activation_additions: ``ActivationAddition``/``SteeringVector`` objects (or
+            ``Conditioned`` ones), or one list of them per batch row (each row steered by its
+            own list); see ``as_rows``.
+        addition_location: ``front`` (ActAdd), ``mid``, ``back``, ``all`` or ``generated``
             (``actadd.positions``); one per row for per-row additions; None (the default):
             each addition's own, ``front`` for prompt additions and ``all`` for vectors.
+        spans: per batch row, the ``[start, end)`` of its prompt that locations refer to
+            (e.g. the last user message of a chat: ``LM.chat_tokens``); None: the whole
+            prompt.
         res_stream_slice: only these residual dimensions are changed, e.g. ``slice(0, 403)``.
 
     Example:
@@ -467,8 +748,12 @@ def steer(
     if not any(injections):  # nothing to add: an empty context, still a context
         yield Steering(lm, [[]], per_row=False)
         return
-    steering = Steering(lm, injections, per_row=per_row, locations=locations, dims=res_stream_slice)
-    fns = [(site, steering.site_fn(site)) for site in steering.sites]
+    steering = Steering(
+        lm, injections, per_row=per_row, locations=locations, spans=spans, dims=res_stream_slice
+    )
+    # conditions read the residual stream before any addition at the same site is made
+    fns = [(site, steering.condition_fn(leaf)) for leaf, site in steering.leaf_sites.items()]
+    fns += [(site, steering.site_fn(site)) for site in steering.sites]
     with hooked(lm, fns, root_fn=steering.on_forward) as paths:
         log.info("steering %s via %s", steering.describe(), ", ".join(paths))
         yield steering

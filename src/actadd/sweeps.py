@@ -39,6 +39,7 @@ from actadd.errors import ActAddError
 from actadd.generation import gen_using_activation_additions
 from actadd.metrics import Metric, add_metric_cols
 from actadd.model import LM, as_lm
+from actadd.prompts import encode_prompts
 from actadd.sites import canonical_act_name
 from actadd.steering import Injection, Steerable
 
@@ -272,6 +273,7 @@ def sweep_over_prompts(
     res_stream_slice: slice = slice(None),
     batch_size: int | None = None,
     progress: bool = True,
+    chat: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Unsteered and steered completions of every prompt under every configuration, scored.
 
@@ -292,6 +294,8 @@ def sweep_over_prompts(
         batch_size: rows per ``generate`` call; default ``auto_batch_size``. Results do not
             depend on it.
         progress: show a rich progress bar (on stderr).
+        chat: each prompt is a user message in the model's chat template; additions land on
+            its text (see ``gen_using_activation_additions``).
 
     Returns:
         ``(normal_df, patched_df)``, one row per completion: ``prompts``, ``completions``,
@@ -338,7 +342,7 @@ def sweep_over_prompts(
         for i in range(num_patched_completions)
     ]
     if batch_size is None:
-        longest = max(len(model.token_ids(p)) for p in prompt_list)
+        longest = max(len(e.ids) for e in encode_prompts(model, prompt_list, chat=chat))
         batch_size = auto_batch_size(model, longest, tokens_to_generate)
         log.info("sweep: %d rows in batches of %d", len(jobs), batch_size)
     if batch_size < 1:
@@ -364,6 +368,7 @@ def sweep_over_prompts(
                         freq_penalty=freq_penalty,
                         addition_location=addition_location,
                         res_stream_slice=res_stream_slice,
+                        chat=chat,
                     )
                 df["completion_index"] = [i for _, _, i in chunk]
                 df["activation_addition_index"] = [c for _, c, _ in chunk]

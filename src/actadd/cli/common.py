@@ -34,6 +34,13 @@ TokensOpt = Annotated[int, typer.Option(help="tokens to generate")]
 TemperatureOpt = Annotated[float, typer.Option(help="0 is greedy")]
 TopPOpt = Annotated[float, typer.Option(help="nucleus sampling")]
 FreqPenaltyOpt = Annotated[float, typer.Option(help="OpenAI-style frequency penalty")]
+ChatOpt = Annotated[
+    bool,
+    typer.Option(
+        "--chat/--no-chat",
+        help="the prompt is a user message in the model's chat template; steering lands on it",
+    ),
+]
 LocationOpt = Annotated[
     str | None,
     typer.Option(help="front, mid, back or all \\[default: front for prompts, all for vectors]"),

@@ -8,6 +8,7 @@ import typer
 
 from actadd.cli.common import (
     AddOpt,
+    ChatOpt,
     FreqPenaltyOpt,
     LocationOpt,
     ModelOpt,
@@ -50,6 +51,7 @@ def compare(
     freq_penalty: FreqPenaltyOpt = 1.0,
     location: LocationOpt = None,
     pad: PadOpt = False,
+    chat: ChatOpt = False,
     vector: Annotated[
         str | None, typer.Option(help="steer with this vector file (.safetensors/.gguf) instead")
     ] = None,
@@ -93,9 +95,12 @@ def compare(
                 top_p,
                 top_k=top_k,
                 addition_location=where,
+                chat=chat,
             )
     except actadd.ActAddError as e:
         raise fail(e) from e
     shown = where or ("all" if vector else "front")
+    if chat:
+        shown += " of the user's message"
     title = f"{prompt}…  steering: {coeff:g} × {what} at {act_name}, {shown}"
     console.print(comparison_rich_table(comparison_table(df), title))

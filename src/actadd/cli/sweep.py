@@ -8,6 +8,7 @@ import typer
 
 from actadd.cli.common import (
     AddOpt,
+    ChatOpt,
     FreqPenaltyOpt,
     LocationOpt,
     ModelOpt,
@@ -59,6 +60,7 @@ def sweep(
     freq_penalty: FreqPenaltyOpt = 1.0,
     location: LocationOpt = None,
     pad: PadOpt = False,
+    chat: ChatOpt = False,
     batch_size: Annotated[
         int | None, typer.Option(help="rows per generate call (default: fit memory)")
     ] = None,
@@ -103,6 +105,7 @@ def sweep(
                 freq_penalty=freq_penalty,
                 addition_location=where,
                 batch_size=batch_size,
+                chat=chat,
             )
         if normal.attrs.get("interrupted"):
             console.print("[yellow]interrupted:[/] writing the rows finished so far")
