@@ -120,6 +120,14 @@ class RowSeededSampler(LogitsProcessor):
         self._u: Tensor | None = None  # [B, V] float64 and float32 buffers, reused every step
         self._e: Tensor | None = None
 
+    @classmethod
+    def from_generators(cls, generators: Sequence[torch.Generator]) -> RowSeededSampler:
+        """A sampler over rows whose random streams already exist (and go on between calls):
+        rows that join and leave a batch keep their own stream."""
+        self = cls([], "cpu")
+        self.generators = list(generators)
+        return self
+
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         u, e = self._buffers(scores)
         # [B, V] uniforms, one stream per row, so rows are independent of the batch; the rest
