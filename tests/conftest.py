@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 import string
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -224,3 +228,25 @@ def check_batch_solo_cache(
         with actadd.steer(lm, adds, addition_location=location):
             outs.append(greedy(lm, prompts, tokens, use_cache=use_cache))
     assert torch.equal(outs[0], outs[1]), (lm.name, location)
+
+
+# -- a live server ----------------------------------------------------------------------------
+@contextmanager
+def live_server(app: Any) -> Iterator[tuple[str, Any]]:
+    """uvicorn in a thread on 127.0.0.1 (a free port); stopped the way Ctrl-C stops it."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", server
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -4,11 +4,9 @@ vectors, shutdown. The official ``openai`` client runs against a live uvicorn on
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
@@ -20,7 +18,7 @@ from fastapi.testclient import TestClient
 import actadd
 from actadd.hooks import actadd_hooks
 from actadd.serve import Limits, create_app
-from conftest import build_tiny
+from conftest import build_tiny, live_server
 
 LOVE_HATE = {"add": "Love", "sub": "Hate", "coeff": 5, "layer": 1}
 
@@ -31,27 +29,8 @@ def n_hooks(lm: actadd.LM) -> int:
 
 @pytest.fixture
 def client(llama: actadd.LM) -> Iterator[TestClient]:
-    with TestClient(create_app(llama)) as c:
+    with TestClient(create_app(llama), base_url="http://127.0.0.1") as c:
         yield c
-
-
-@contextmanager
-def live_server(app: Any) -> Iterator[tuple[str, uvicorn.Server]]:
-    """uvicorn in a thread on 127.0.0.1 (a free port); stopped the way Ctrl-C stops it."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(500):
-        if server.started:
-            break
-        time.sleep(0.01)
-    assert server.started, "uvicorn did not start"
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}", server
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 def completion(c: Any, **body: Any) -> dict[str, Any]:
@@ -89,7 +68,8 @@ def test_completion_shape_and_steering(client: TestClient) -> None:
         client, prompt="I hate you because", max_tokens=8, temperature=0, steering=[LOVE_HATE]
     )
     assert steered["choices"][0]["text"] != choice["text"]
-    assert len(steered["steering"]) == 2  # an x-vector is two additions
+    assert len(steered["steering"]) == 1  # one description per entry (an x-vector is one)
+    assert steered["choices"][0]["steering_applied"] == [True]
     zero = text_of(
         client,
         prompt="I hate you because",
@@ -131,7 +111,7 @@ def test_chat_uses_the_chat_template() -> None:
     lm.tokenizer.chat_template = (
         "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}[assistant]"
     )
-    with TestClient(create_app(lm)) as c:
+    with TestClient(create_app(lm), base_url="http://127.0.0.1") as c:
         r = c.post(
             "/v1/chat/completions",
             json={
@@ -270,7 +250,7 @@ MIXED: list[tuple[str, dict[str, Any]]] = [
     (
         "/v1/chat/completions",
         {
-            "messages": [{"role": "user", "content": "Hey"}],
+            "messages": [{"role": "user", "content": "Hey, how are you today?"}],
             "max_tokens": 6,
             "temperature": 0.7,
             "seed": 2,
@@ -285,21 +265,20 @@ def texts_of(out: dict[str, Any]) -> list[str]:
 
 
 def test_concurrent_batched_responses_equal_solo(llama: actadd.LM) -> None:
-    app = create_app(llama, batch_window=0.05)
+    app = create_app(llama)
     engine = app.state.actadd.engine
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         solo = [texts_of(c.post(p, json=b).json()) for p, b in MIXED]
-        assert engine.stats["multi_job_batches"] == 0
+        assert engine.stats["max_rows"] <= max(b.get("n", 1) for _, b in MIXED)
         rows = sum(b.get("n", 1) for _, b in MIXED)
         with ThreadPoolExecutor(len(MIXED)) as pool, engine.held():
             futures = [pool.submit(c.post, p, json=b) for p, b in MIXED]
             deadline = time.monotonic() + 60
             while engine.waiting_rows < rows and time.monotonic() < deadline:
                 time.sleep(0.01)
-            assert engine.waiting_rows == rows  # everything queued: one batch for all of it
+            assert engine.waiting_rows == rows  # everything queued: they run together
         batched = [texts_of(f.result().json()) for f in futures]
-    assert engine.stats["multi_job_batches"] >= 1
-    assert engine.stats["max_rows"] == rows  # the "mid" request shares the batch (per-row location)
+    assert engine.stats["max_rows"] == rows  # every row, at every location, in one batch
     assert batched == solo
     assert n_hooks(llama) == 0
 
@@ -331,7 +310,11 @@ BAD: list[tuple[Any, int, str | None]] = [
     ({"prompt": "x", "bogus": 1}, 400, "bogus"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": ""}, 400, "prompt"),
-    ({"prompt": "Hi", "steering": [{"prompt": "Much longer", "coeff": 1, "layer": 1}]}, 400, None),
+    (
+        {"prompt": "Hi", "steering": [{"prompt": "Much longer", "coeff": 1, "layer": 1}]},
+        400,
+        "steering",
+    ),
     ('{"prompt": ', 400, None),
     ('{"prompt": "' + "x" * 2_000_000 + '"}', 413, None),
 ]
@@ -342,7 +325,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(
     body: Any, status: int, param: str | None, llama: actadd.LM
 ) -> None:
     app = create_app(llama, limits=Limits(max_prompt_tokens=200))
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         if isinstance(body, str):
             r = c.post(
                 "/v1/completions", content=body, headers={"Content-Type": "application/json"}
@@ -358,7 +341,7 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(
 
 
 def test_api_key(llama: actadd.LM) -> None:
-    with TestClient(create_app(llama, api_key="s3cret")) as c:
+    with TestClient(create_app(llama, api_key="s3cret"), base_url="http://127.0.0.1") as c:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             r = c.post("/v1/completions", json={"prompt": "x"}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -441,7 +424,9 @@ def test_graceful_shutdown_finishes_in_flight_streams(llama: actadd.LM) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
     assert app.state.actadd.engine.closed
     assert n_hooks(llama) == 0
-    with TestClient(create_app(llama)) as c:  # the same text as an undisturbed request
+    with TestClient(
+        create_app(llama), base_url="http://127.0.0.1"
+    ) as c:  # the same text as an undisturbed request
         assert "".join(ch["choices"][0]["text"] for ch in chunks) == text_of(
             c, **{k: v for k, v in body.items() if k != "stream"}
         )
@@ -469,7 +454,7 @@ def test_vector_upload_list_use_delete(llama: actadd.LM, tmp_path: Any) -> None:
     path = tmp_path / "lovehate.safetensors"
     v.save(path)
     store = tmp_path / "store"
-    with TestClient(create_app(llama, vectors_dir=store)) as c:
+    with TestClient(create_app(llama, vectors_dir=store), base_url="http://127.0.0.1") as c:
         r = c.put("/v1/vectors/love-hate", content=path.read_bytes())
         assert r.status_code == 201 and r.json()["sites"] == ["blocks.1.hook_resid_pre"]
         assert [d["id"] for d in c.get("/v1/vectors").json()["data"]] == ["love-hate"]
@@ -500,18 +485,22 @@ def test_vector_upload_list_use_delete(llama: actadd.LM, tmp_path: Any) -> None:
         r = c.put("/v1/vectors/other", content=(tmp_path / "other.safetensors").read_bytes())
         assert r.status_code == 400 and "d_model" in r.json()["error"]["message"]
         assert c.put("/v1/vectors/bad name!", content=b"x").status_code in (400, 404)
-        assert sorted(p.name for p in store.iterdir()) == ["love-hate.safetensors"]
-    with TestClient(create_app(llama, vectors_dir=store)) as c:  # persisted
+        assert sorted(p.name for p in store.glob("*.safetensors")) == ["love-hate.safetensors"]
+    with TestClient(
+        create_app(llama, vectors_dir=store), base_url="http://127.0.0.1"
+    ) as c:  # persisted
         assert [d["id"] for d in c.get("/v1/vectors").json()["data"]] == ["love-hate"]
         assert c.delete("/v1/vectors/love-hate").json()["deleted"] is True
         assert c.delete("/v1/vectors/love-hate").status_code == 404
         r = c.post("/v1/completions", json={"prompt": "x", "steering": [{"vector": "love-hate"}]})
         assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_vector"
-    assert not list(store.iterdir())
+    assert not list(store.glob("*.safetensors"))
 
 
 def test_vector_upload_body_limit(llama: actadd.LM) -> None:
-    with TestClient(create_app(llama, limits=Limits(max_vector_bytes=1000))) as c:
+    with TestClient(
+        create_app(llama, limits=Limits(max_vector_bytes=1000)), base_url="http://127.0.0.1"
+    ) as c:
         r = c.put("/v1/vectors/big", content=b"x" * 2000)
         assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
 
@@ -578,7 +567,7 @@ def test_serve_command_builds_the_app(
     assert result.exit_code == 0, result.output
     assert ran["host"] == "127.0.0.1" and ran["port"] == 8123
     assert (tmp_path / "v").is_dir()
-    with TestClient(ran["app"]) as c:
+    with TestClient(ran["app"], base_url="http://127.0.0.1") as c:
         assert c.get("/v1/models").status_code == 401
         auth = {"Authorization": "Bearer k"}
         r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 8}, headers=auth)

@@ -22,6 +22,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ActAddError": "errors",
     "ActivationAddition": "additions",
+    "activation_cache": "additions",
     "Condition": "conditions",
     "Conditioned": "steering",
     "ContrastDataset": "datasets",
@@ -42,6 +43,7 @@ _EXPORTS = {
     "capture": "hooks",
     "compare": "generation",
     "gen_using_activation_additions": "generation",
+    "generate_many": "batching",
     "get_act_name": "sites",
     "get_activations": "additions",
     "get_x_vector": "additions",
@@ -83,7 +85,13 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from actadd import metrics, plots, sweeps
-    from actadd.additions import ActivationAddition, get_activations, get_x_vector
+    from actadd.additions import (
+        ActivationAddition,
+        activation_cache,
+        get_activations,
+        get_x_vector,
+    )
+    from actadd.batching import generate_many
     from actadd.conditions import Condition
     from actadd.contrast import make_vector, mean_diff, pca
     from actadd.datasets import ContrastDataset, ContrastPair, list_datasets, load_pairs

@@ -87,11 +87,22 @@ class Request:
     seed: int = 0
     stop: tuple[str, ...] = ()
 
+    @classmethod
+    def from_prompt(cls, lm: LM, prompt: str, **fields: Any) -> Request:
+        """A request for ``prompt`` tokenized as ``lm`` tokenizes prompts (its start-token
+        policy); ``fields`` are the other arguments (``additions``, ``max_tokens``, ...).
+
+        Example:
+            >>> Request.from_prompt(lm, "I hate you because", max_tokens=40,
+            ...     additions=tuple(get_x_vector("Love", "Hate", 5, 6)))  # doctest: +SKIP
+        """
+        return cls(tuple(as_lm(lm).token_ids(prompt)), **fields)
+
 
 @dataclass
 class Completion:
-    """What a request produced: text, token ids, why it ended, and for each addition whether
-    it applied (False where its condition did not hold)."""
+    """What a request produced: text, token ids, why it ended, and for each of its additions
+    whether it applied (False where its condition did not hold)."""
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
@@ -142,8 +153,8 @@ class TextStream:
         return delta
 
 
-# Events a row reports: ("start",), ("delta", text), ("done", reason, n_tokens, applied),
-# ("error", exception)
+# Events a row reports: ("start",), ("token",) per generated token, ("delta", text),
+# ("done", reason, n_tokens, applied), ("error", exception)
 Listener = Callable[[str, tuple[Any, ...]], None]
 
 
@@ -152,6 +163,7 @@ class _Row:
     request: Request
     listen: Listener
     injections: list[Injection] = field(default_factory=list)
+    owner: list[int] = field(default_factory=list)  # injection -> the addition it came from
     plan: RowPlan | None = None
     generator: torch.Generator | None = None
     stream: TextStream | None = None
@@ -241,7 +253,18 @@ class Scheduler:
         self._drop_finished()
         admitted = self._admit()
         if admitted:
-            self._prefill(admitted)
+            try:
+                self._prefill(admitted)
+            except Exception:
+                if len(admitted) == 1:
+                    raise
+                # an unforeseen failure: prefill each row alone, so only its culprit fails
+                for row in admitted:
+                    try:
+                        self._prefill([row])
+                    except Exception as e:
+                        row.done = True
+                        row.listen("error", (e,))
             self._drop_finished()
         if self.running:
             self._decode()
@@ -266,6 +289,7 @@ class Scheduler:
                         f"the prompt ({n} tokens) plus max_tokens ({m}) exceed the KV-cache "
                         f"budget of {budget} tokens: send a shorter prompt or fewer max_tokens"
                     )
+                    err.param = "max_tokens"
                     row.listen("error", (err,))
                     continue
                 break  # it waits for running rows to finish
@@ -274,15 +298,24 @@ class Scheduler:
                 self._resolve(row)
             except Exception as e:  # bad steering for this request: fail it alone
                 row.done = True
+                if isinstance(e, ActAddError) and e.param is None:
+                    e.param = "steering"  # what the request should change
                 row.listen("error", (e,))
                 continue
             out.append(row)
         return out
 
+    def reset(self) -> None:
+        """Forget the running batch (after a failed step)."""
+        self.running, self._cache, self._mask, self._ids, self._last = [], None, None, None, None
+        self._steering = None
+
     def _resolve(self, row: _Row) -> None:
         r = row.request
-        row.injections = [i for a in r.additions for i in a.injections(self.lm)]
-        validate_injections(row.injections, self.lm.d_model)
+        per_addition = [a.injections(self.lm) for a in r.additions]
+        row.injections = [i for injections in per_addition for i in injections]
+        row.owner = [k for k, injections in enumerate(per_addition) for _ in injections]
+        validate_injections(row.injections, self.lm.d_model, self.lm.n_layers)
         injected(row.injections, len(r.ids), r.location, span=r.span)  # refuse short prompts
         if r.sampling.temperature > 0:
             row.generator = torch.Generator(device=self.lm.device)
@@ -318,9 +351,13 @@ class Scheduler:
         for row, plan in zip(rows, steering.plans, strict=True):
             plan.prompt_len = len(row.request.ids)
             row.plan, row.length = plan, len(row.request.ids)
-            row.applied = [
+            applies = [
                 i.condition is None or plan.gates.get(id(i.condition), False)
                 for i in row.injections
+            ]
+            row.applied = [
+                all(ok for ok, k in zip(applies, row.owner, strict=True) if k == a)
+                for a in range(len(row.request.additions))
             ]
             row.listen("start", ())
         tokens = self._sample(rows, ids, mask, logits)
@@ -437,6 +474,7 @@ class Scheduler:
                 continue
             assert r.stream is not None
             self.stats["tokens"] += 1
+            r.listen("token", ())
             if token in self.eos:
                 self._finish(r, "stop", r.stream.flush())
                 continue
@@ -535,7 +573,7 @@ def eos_ids(lm: LM) -> set[int]:
 
 def generate_many(
     lm: LM,
-    requests: Sequence[Request],
+    requests: Sequence[Request | str],
     *,
     max_rows: int = 16,
     kv_budget_tokens: int | None = None,
@@ -544,13 +582,24 @@ def generate_many(
     one does not wait for a long one, and the batch stays full. Each result equals the same
     request generated alone.
 
+    Args:
+        lm: the model.
+        requests: ``Request`` objects (``Request.from_prompt(lm, prompt, ...)``), or plain
+            prompts (greedy, 16 tokens, unsteered).
+        max_rows: rows decoded together at most.
+        kv_budget_tokens: KV-cache tokens the running rows may hold (None: no limit).
+
     Example:
-        >>> reqs = [Request(tuple(lm.token_ids(p)), max_tokens=n)
-        ...         for p, n in work]  # doctest: +SKIP
-        >>> outs = generate_many(lm, reqs)  # doctest: +SKIP
+        >>> from actadd.batching import Request
+        >>> love = tuple(actadd.get_x_vector("Love", "Hate", 5, 6))
+        >>> reqs = [Request.from_prompt(lm, p, max_tokens=n, additions=love)
+        ...         for p, n in [("I hate you because", 200), ("Hi", 8)]]  # doctest: +SKIP
+        >>> [c.text for c in actadd.generate_many(lm, reqs)]  # doctest: +SKIP
     """
     from actadd import progress
 
+    lm = as_lm(lm)
+    work = [Request.from_prompt(lm, r) if isinstance(r, str) else r for r in requests]
     sched = Scheduler(lm, max_rows=max_rows, kv_budget_tokens=kv_budget_tokens)
     results = [Completion() for _ in requests]
 
@@ -565,8 +614,8 @@ def generate_many(
 
         return on
 
-    rows = [sched.submit(r, listener(c)) for r, c in zip(requests, results, strict=True)]
-    total = sum(r.max_tokens for r in requests)
+    rows = [sched.submit(r, listener(c)) for r, c in zip(work, results, strict=True)]
+    total = sum(r.max_tokens for r in work)
     while sched.busy:
         sched.step()
         done = sum(len(r.stream.tokens) if r.stream else 0 for r in rows)

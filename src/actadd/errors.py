@@ -29,7 +29,13 @@ __all__ = [
 
 
 class ActAddError(ValueError):
-    """Base class of every error actadd raises on bad input."""
+    """Base class of every error actadd raises on bad input.
+
+    ``param`` names the argument (or request field) to change when the raiser knows it; the
+    server answers it as OpenAI's ``error.param``.
+    """
+
+    param: str | None = None
 
 
 class SiteError(ActAddError):

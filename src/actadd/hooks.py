@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from actadd.errors import SiteError
 from actadd.model import LM
-from actadd.sites import Site, get_module
+from actadd.sites import Site, get_module, parse_site
 
 __all__ = ["HookFn", "actadd_hooks", "capture", "hooked", "paused", "site_module"]
 
@@ -138,21 +138,32 @@ class _StopForward(Exception):
 @torch.no_grad()
 def capture(
     lm: LM,
-    input_ids: Tensor,
-    sites: Sequence[Site],
+    input_ids: Tensor | str,
+    sites: Sequence[Site | str | int],
     *,
     attention_mask: Tensor | None = None,
     steered: bool = False,
-) -> dict[Site, Tensor]:
+) -> dict[Any, Tensor]:
     """Record the residual stream ``[B, T, D]`` at each site (unsteered unless ``steered``).
 
-    The forward pass stops after the deepest site, so reading layer 6 costs 7 layers.
+    ``input_ids`` may be a prompt (tokenized as ``lm.to_tokens`` does); ``sites`` are
+    ``Site`` objects, TransformerLens names or layers, and the result is keyed by them as
+    given. The forward pass stops after the deepest site, so reading layer 6 costs 7 layers.
+
+    Example:
+        >>> acts = actadd.capture(lm, "I love dogs", ["blocks.6.hook_resid_pre"])
+        ... # doctest: +SKIP
+        >>> acts["blocks.6.hook_resid_pre"].shape  # doctest: +SKIP
+        torch.Size([1, 4, 576])
     """
     if not sites:
         return {}
+    if isinstance(input_ids, str):
+        input_ids = lm.to_tokens(input_ids)
+    keys = {parse_site(k, lm.n_layers) if not isinstance(k, Site) else k: k for k in sites}
     found: dict[Site, Tensor] = {}
-    deepest = max(sites, key=lambda s: s.order)
-    wanted = set(sites)
+    deepest = max(keys, key=lambda s: s.order)
+    wanted = set(keys)
 
     def grab(site: Site) -> HookFn:
         def fn(h: Tensor) -> None:
@@ -172,4 +183,4 @@ def capture(
     missing = wanted - found.keys()
     if missing:
         raise SiteError(f"sites {sorted(map(str, missing))} were not reached by the forward pass")
-    return found
+    return {keys[site]: t for site, t in found.items()}

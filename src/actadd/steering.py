@@ -199,9 +199,14 @@ def resolve(lm: LM, rows: list[list[Steerable]]) -> list[list[Injection]]:
     return out
 
 
-def validate_injections(injections: list[Injection], d_model: int) -> None:
-    """Reject injections of another width, of the wrong rank, or with NaN/inf values."""
+def validate_injections(
+    injections: list[Injection], d_model: int, n_layers: int | None = None
+) -> None:
+    """Reject injections of another width, of the wrong rank, at a layer the model lacks, or
+    with NaN/inf values."""
     for inj in injections:
+        if n_layers is not None and not 0 <= inj.site.layer < n_layers:
+            raise SiteError(f"addition at {inj.site}: this model has layers 0..{n_layers - 1}")
         if inj.tensor.ndim != 2 or inj.tensor.shape[1] != d_model:
             raise ActAddError(
                 f"addition for {inj.site} has shape {tuple(inj.tensor.shape)}; this model "
@@ -328,7 +333,7 @@ class Steering:
         self.lm, self.dims = lm, dims
         locations = locations or [None] * len(rows)
         for row in rows:
-            validate_injections(row, lm.d_model)
+            validate_injections(row, lm.d_model, lm.n_layers)
         if spans is not None:  # spans are per batch row: so are the plans
             if not per_row:
                 rows, locations = rows * len(spans), locations * len(spans)

@@ -229,7 +229,7 @@ def auto_batch_size(
         64
     """
     if memory_bytes is None:
-        memory_bytes = _free_memory(lm.device)
+        memory_bytes = free_memory(lm.device)
     cfg = lm.model.config
     T = prompt_tokens + tokens_to_generate
     heads = getattr(cfg, "num_attention_heads", None) or 1
@@ -244,14 +244,18 @@ def auto_batch_size(
     return int(max(1, min(max_batch, memory_bytes // per_row)))
 
 
-def _free_memory(device: torch.device) -> int:
+def free_memory(device: torch.device, *, fraction: float | None = None) -> int:
+    """Bytes one may use on ``device``: ``fraction`` of what is free (default: half the free
+    GPU memory, or a quarter of the available RAM capped at 4 GiB)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free // 2)
+        return int(free * (0.5 if fraction is None else fraction))
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         avail = 4 << 30
+    if fraction is not None:
+        return int(avail * fraction)
     return int(min(avail // 4, 4 << 30))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated
 
 import typer
@@ -23,9 +24,25 @@ def serve(
         str | None,
         typer.Option(envvar="ACTADD_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="rows per batched generate call")] = 16,
-    batch_window_ms: Annotated[float, typer.Option(help="wait for more requests (ms)")] = 20.0,
+    max_batch: Annotated[int, typer.Option(help="rows decoded together at most")] = 16,
+    kv_budget: Annotated[
+        int | None,
+        typer.Option(
+            help="KV-cache tokens the running rows may hold (default: 1/4 of free memory)"
+        ),
+    ] = None,
+    max_queue: Annotated[int, typer.Option(help="rows that may wait; beyond: 429")] = 256,
     max_tokens: Annotated[int, typer.Option(help="largest max_tokens a request may ask")] = 512,
+    allowed_host: Annotated[
+        list[str] | None,
+        typer.Option(help="another Host name to accept (repeatable; '*' for any)"),
+    ] = None,
+    shutdown_timeout: Annotated[
+        float, typer.Option(help="seconds in-flight requests get on Ctrl-C/SIGTERM")
+    ] = 10.0,
+    activation_cache_mb: Annotated[
+        int, typer.Option(help="MiB kept of steering prompts' recorded activations")
+    ] = 256,
     dtype: Annotated[str | None, typer.Option(help="e.g. float32, bfloat16")] = None,
 ) -> None:
     """Serve the model over an OpenAI-compatible API with per-request steering, and a playground.
@@ -36,10 +53,13 @@ def serve(
 
     try:
         from actadd.serve import Limits, create_app
+        from actadd.serve.security import DEFAULT_HOSTS
     except actadd.MissingDependencyError as e:
         raise fail(e) from e
     import uvicorn
 
+    if api_key is not None and not api_key.strip():
+        raise fail(actadd.ActAddError("--api-key is empty: give a key, or leave it out"))
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         console.print(
             f"[yellow]warning:[/] listening on {host} without --api-key: anyone who can reach "
@@ -55,7 +75,11 @@ def serve(
             api_key=api_key,
             limits=Limits(max_tokens=max_tokens),
             max_batch_rows=max_batch,
-            batch_window=batch_window_ms / 1000,
+            max_queue_rows=max_queue,
+            kv_budget_tokens=kv_budget,
+            allowed_hosts=[*DEFAULT_HOSTS, *(allowed_host or []), *_bound(host)],
+            shutdown_timeout=shutdown_timeout,
+            activation_cache_bytes=activation_cache_mb << 20,
         )
     except actadd.ActAddError as e:
         raise fail(e) from e
@@ -67,7 +91,18 @@ def serve(
         markup=True,
         highlight=False,
     )
-    uvicorn.run(web, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)
+    uvicorn.run(
+        web,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=math.ceil(shutdown_timeout),
+    )
+
+
+def _bound(host: str) -> list[str]:
+    """The host the server binds, as clients will name it (not the wildcard addresses)."""
+    return [] if host in ("0.0.0.0", "::", "") else [host]
 
 
 serve.__doc__ = (serve.__doc__ or "").replace("serve extra", f"serve extra: {hint('serve')}")

@@ -2,26 +2,29 @@
 
 Endpoints (JSON; errors in OpenAI's shape ``{"error": {message, type, param, code}}``):
 
-===============================  ====================================================
-``POST /v1/completions``         OpenAI completions + ``steering``/``steering_location``
-``POST /v1/chat/completions``    chat completions (the model's chat template) + steering
-``GET  /v1/models``              the one model served
-``GET  /v1/vectors``             stored steering vectors
-``PUT  /v1/vectors/{name}``      upload a ``SteeringVector`` safetensors file (validated)
-``DELETE /v1/vectors/{name}``    remove one
-``POST /v1/actadd/sweep``        a metric over coefficients × layers (the playground's Sweep)
-``GET  /v1/actadd/info``         layers, sites, limits: what the playground needs
-``GET  /``                       the playground (static files, no CDN)
-===============================  ====================================================
+===================================  ===============================================
+``POST /v1/completions``             OpenAI completions + ``steering``/``steering_location``
+``POST /v1/chat/completions``        chat completions (the model's chat template) + steering
+``GET  /v1/models``                  the one model served
+``GET  /v1/vectors``                 stored steering vectors
+``PUT  /v1/vectors/{name}``          upload a ``SteeringVector`` safetensors file (validated)
+``DELETE /v1/vectors/{name}``        remove one
+``GET|PUT|DELETE /v1/conditions``    stored conditions (``Condition.save`` files), likewise
+``POST /v1/actadd/sweep``            a metric over coefficients × layers (the playground's Sweep)
+``GET  /v1/actadd/info``             layers, sites, limits: what the playground needs
+``GET  /metrics``                    Prometheus metrics (``actadd.serve.metrics``)
+``GET  /``                           the playground (static files, no CDN)
+===================================  ===============================================
 
-Concurrent requests are batched into shared ``generate`` calls by ``actadd.serve.engine.Engine``
-(one model thread, per-row steering and seeds), so a response never depends on what else was
-in its batch. ``stream: true`` answers with server-sent events in OpenAI's chunk format,
-ending with ``data: [DONE]``.
+Requests are served by continuous batching (``actadd.serve.engine``): each request joins the
+running batch at the next step and leaves when it ends, with its own steering, sampling and
+seed, so a response never depends on what else was in its batch. ``stream: true`` answers with
+server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``. A client that goes
+away (streaming or not) frees its rows at the next step.
 
 Example:
     >>> from fastapi.testclient import TestClient
-    >>> with TestClient(create_app(lm)) as client:  # doctest: +SKIP
+    >>> with TestClient(create_app(lm), base_url="http://127.0.0.1") as client:  # doctest: +SKIP
     ...     client.post("/v1/completions", json={"prompt": "I hate you because",
     ...         "max_tokens": 20, "steering": [{"add": "Love", "sub": "Hate", "coeff": 5,
     ...         "layer": 6}]}).json()["choices"][0]["text"]
@@ -32,29 +35,31 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import re
-import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from actadd.additions import activation_cache
+from actadd.batching import Request as Row
 from actadd.errors import ActAddError
 from actadd.metrics import make_metric
 from actadd.model import LM
 from actadd.positions import LOCATIONS
-from actadd.serve.engine import Engine, EngineClosed, Event, Job, QueueFull, Row
+from actadd.serve.engine import Engine, EngineClosed, Event, Job, QueueFull
+from actadd.serve.metrics import CountRequests, ServerMetrics
 from actadd.serve.requests import RequestReader, Rows
 from actadd.serve.schema import (
     APIError,
@@ -64,27 +69,29 @@ from actadd.serve.schema import (
     SweepRequest,
     validation_error,
 )
-from actadd.serve.vectors import VectorStore, check_name
+from actadd.serve.security import DEFAULT_HOSTS, Guard
+from actadd.serve.stores import Store, check_name, condition_store, vector_store
 from actadd.sites import KINDS
 
-__all__ = ["APIError", "Limits", "create_app", "serve"]
+__all__ = ["APIError", "Limits", "create_app", "default_kv_budget", "serve"]
 
 log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
+RETRY_AFTER = "2"  # seconds, when the queue is full
 
 
 # -- errors -------------------------------------------------------------------------------------
 def _as_api_error(err: BaseException) -> APIError:
     if isinstance(err, APIError):
         return err
-    if isinstance(err, ActAddError):
-        return APIError(400, str(err))
+    if isinstance(err, ActAddError):  # the scheduler's errors name the field they can
+        return APIError(400, str(err), param=err.param)
     return APIError(500, f"generation failed: {type(err).__name__}: {err}", type="server_error")
 
 
 def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status)
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
 def _install_errors(app: FastAPI) -> None:
@@ -98,7 +105,7 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(ActAddError)
     async def actadd_error(request: Request, exc: ActAddError) -> JSONResponse:
-        return _error_response(APIError(400, str(exc)))
+        return _error_response(_as_api_error(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -110,56 +117,6 @@ def _install_errors(app: FastAPI) -> None:
         log.exception("unhandled error on %s", request.url.path)
         err = APIError(500, f"internal error: {type(exc).__name__}", type="server_error")
         return _error_response(err)
-
-
-class _BodyLimit:
-    """Reject request bodies above the limit with 413 (vector uploads have their own limit).
-
-    Also reads every other ``/v1`` body as JSON whatever its declared type: ``curl -d`` sends
-    ``application/x-www-form-urlencoded`` unless told otherwise.
-    """
-
-    def __init__(self, app: ASGIApp, limits: Limits) -> None:
-        self.app, self.limits = app, limits
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        upload = scope["path"].startswith("/v1/vectors/")
-        if not upload and scope["path"].startswith("/v1/"):
-            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
-            scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
-        limit = self.limits.max_vector_bytes if upload else self.limits.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length")
-        too_big = declared is not None and declared.isdigit() and int(declared) > limit
-        chunks: list[bytes] = []
-        size = 0
-        while not too_big:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            too_big = size > limit
-            if not msg.get("more_body"):
-                break
-        if too_big:
-            err = APIError(
-                413, f"request body is larger than {limit} bytes", param=None, code="body_too_large"
-            )
-            await _error_response(err)(scope, receive, send)
-            return
-        body, sent = b"".join(chunks), False
-
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
 
 
 # -- jobs: from the engine's thread to asyncio ----------------------------------------------------
@@ -176,16 +133,42 @@ def _submit(engine: Engine, rows: list[Row]) -> tuple[Job, asyncio.Queue[Event]]
     try:
         engine.submit(job)
     except EngineClosed as e:
-        raise APIError(503, str(e), type="server_error", code="shutting_down") from e
+        raise APIError(
+            503,
+            str(e),
+            type="server_error",
+            code="shutting_down",
+            headers={"Retry-After": RETRY_AFTER},
+        ) from e
     except QueueFull as e:
-        raise APIError(429, str(e), type="rate_limit_error", code="queue_full") from e
+        raise APIError(
+            429,
+            str(e),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": RETRY_AFTER},
+        ) from e
     return job, queue
 
 
-async def _collect(job: Job, queue: asyncio.Queue[Event]) -> tuple[list[str], list[str], list[int]]:
+async def _watch_disconnect(request: Request, job: Job, engine: Engine) -> None:
+    """Cancel ``job`` when the client goes away before its answer is ready."""
+    while not job.cancelled:
+        if await request.is_disconnected():
+            log.info("client gone: cancelling job %d", job.id)
+            engine.cancel(job)
+            return
+        await asyncio.sleep(0.05)
+
+
+async def _collect(
+    job: Job, queue: asyncio.Queue[Event], request: Request, engine: Engine
+) -> tuple[list[str], list[str], list[int], list[tuple[bool, ...]]]:
     n = len(job.rows)
     texts, reasons, tokens = [""] * n, ["length"] * n, [0] * n
+    applied: list[tuple[bool, ...]] = [()] * n
     done = 0
+    watcher = asyncio.create_task(_watch_disconnect(request, job, engine))
     try:
         while done < n:
             ev = await queue.get()
@@ -194,12 +177,14 @@ async def _collect(job: Job, queue: asyncio.Queue[Event]) -> tuple[list[str], li
             if ev.kind == "delta":
                 texts[ev.row] += ev.text
             elif ev.kind == "done":
-                reasons[ev.row], tokens[ev.row] = ev.reason, ev.tokens
+                reasons[ev.row], tokens[ev.row], applied[ev.row] = ev.reason, ev.tokens, ev.applied
                 done += 1
     except BaseException:
-        job.cancel()
+        engine.cancel(job)
         raise
-    return texts, reasons, tokens
+    finally:
+        watcher.cancel()
+    return texts, reasons, tokens, applied
 
 
 def _sse(obj: Any) -> str:
@@ -209,6 +194,7 @@ def _sse(obj: Any) -> str:
 async def _stream(
     job: Job,
     queue: asyncio.Queue[Event],
+    engine: Engine,
     *,
     chat: bool,
     head: dict[str, Any],
@@ -219,12 +205,18 @@ async def _stream(
     try:
         first = await queue.get()
     except BaseException:
-        job.cancel()
+        engine.cancel(job)
         raise
     if first.kind == "error":
         raise _as_api_error(first.error or RuntimeError("unknown"))
 
-    def chunk(index: int, text: str | None, reason: str | None, role: bool = False) -> str:
+    def chunk(
+        index: int,
+        text: str | None,
+        reason: str | None,
+        extra: dict | None = None,
+        role: bool = False,
+    ) -> str:
         if chat:
             delta: dict[str, Any] = {} if text is None else {"content": text}
             if role:
@@ -232,7 +224,7 @@ async def _stream(
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
         else:
             choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
-        return _sse({**head, "choices": [choice]})
+        return _sse({**head, "choices": [{**choice, **(extra or {})}]})
 
     async def events() -> AsyncIterator[str]:
         complete = False
@@ -248,7 +240,8 @@ async def _stream(
                 elif ev.kind == "done":
                     done += 1
                     generated += ev.tokens
-                    yield chunk(ev.row, None if chat else "", ev.reason)
+                    extra = {"steering_applied": list(ev.applied)}
+                    yield chunk(ev.row, None if chat else "", ev.reason, extra)
                 elif ev.kind == "error":
                     yield _sse(_as_api_error(ev.error or RuntimeError("unknown")).body())
                     return
@@ -257,8 +250,8 @@ async def _stream(
             yield "data: [DONE]\n\n"
             complete = True
         finally:
-            if not complete:
-                job.cancel()
+            if not complete:  # the client went away: its rows leave at the next step
+                engine.cancel(job)
 
     return StreamingResponse(
         events(),
@@ -276,6 +269,19 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
 
 
 # -- the app ------------------------------------------------------------------------------------
+def default_kv_budget(lm: LM, *, fraction: float = 0.25) -> int:
+    """KV-cache tokens that fit in ``fraction`` of the free memory (GPU or RAM)."""
+    from actadd.sweeps import free_memory
+
+    cfg = lm.model.config
+    heads = getattr(cfg, "num_attention_heads", None) or 1
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or lm.d_model // heads
+    elt = lm.dtype.itemsize
+    per_token = 2 * lm.n_layers * kv_heads * head_dim * elt
+    return max(1024, int(free_memory(lm.device, fraction=fraction) // per_token))
+
+
 def create_app(
     lm: LM,
     *,
@@ -284,56 +290,89 @@ def create_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     max_batch_rows: int = 16,
-    batch_window: float = 0.02,
+    max_queue_rows: int = 256,
+    kv_budget_tokens: int | None = None,
+    allowed_hosts: Iterable[str] = DEFAULT_HOSTS,
+    shutdown_timeout: float = 10.0,
+    activation_cache_bytes: int | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``lm``; run it with uvicorn (``serve``) or a TestClient.
 
     Args:
         lm: the model to serve (an ``actadd.LM``; nothing is copied).
         model_id: the name in ``/v1/models`` and responses; default derived from ``lm.name``.
-        vectors_dir: a directory of ``*.safetensors`` steering vectors, loaded at start and
-            where uploads are saved (None: uploads live in memory).
-        api_key: if set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``.
+        vectors_dir: a directory of ``*.safetensors`` steering vectors (and ``conditions/``),
+            loaded at start and where uploads are saved (None: uploads live in memory).
+        api_key: if set, every ``/v1`` request (and ``/metrics``) needs
+            ``Authorization: Bearer <api_key>``; an empty key is refused.
         limits: request limits (``actadd.serve.Limits``).
-        max_batch_rows: rows per batched ``generate`` call.
-        batch_window: seconds the engine waits for more requests before a batch.
+        max_batch_rows: rows decoded together at most.
+        max_queue_rows: rows that may wait; beyond, requests get 429 with ``Retry-After``.
+        kv_budget_tokens: KV-cache tokens the running rows may hold; default
+            ``default_kv_budget(lm)`` (a quarter of the free memory).
+        allowed_hosts: ``Host`` names accepted (default loopback names; ``*`` for any).
+        shutdown_timeout: seconds running requests get to finish on shutdown.
+        activation_cache_bytes: bytes the recorded activations of steering prompts may hold
+            (``actadd.activation_cache(lm).max_bytes``, least recently used out first); None
+            keeps the model's setting (256 MiB unless changed).
 
     Example:
         >>> from fastapi.testclient import TestClient
-        >>> client = TestClient(create_app(lm))  # doctest: +SKIP
+        >>> client = TestClient(create_app(lm), base_url="http://127.0.0.1")  # doctest: +SKIP
         >>> client.get("/v1/models").json()["data"][0]["id"]  # doctest: +SKIP
         'SmolLM2-135M-Instruct'
     """
+    if api_key is not None and not api_key.strip():
+        raise ActAddError("the API key is empty: give a non-empty key, or none")
     limits = limits or Limits()
+    if activation_cache_bytes is not None:
+        activation_cache(lm).max_bytes = int(activation_cache_bytes)
     model_id = model_id or re.sub(r"[^A-Za-z0-9._/-]+", "-", lm.name.split(" (")[0]).strip("-")
-    store = VectorStore(lm, vectors_dir, limits)
-    reader = RequestReader(lm, limits, store, model_id)
-    engine = Engine(lm, max_batch_rows=max_batch_rows, batch_window=batch_window)
+    vectors = vector_store(lm, vectors_dir, limits)
+    conditions = condition_store(lm, vectors_dir, limits)
+    reader = RequestReader(lm, limits, vectors, conditions, model_id)
+    metrics = ServerMetrics()
+    budget = kv_budget_tokens if kv_budget_tokens is not None else default_kv_budget(lm)
+    engine = Engine(
+        lm,
+        max_batch_rows=max_batch_rows,
+        max_queue_rows=max_queue_rows,
+        kv_budget_tokens=budget,
+        observe=metrics.observe,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        # uvicorn has let in-flight requests finish; finish anything still queued, then stop
-        await asyncio.to_thread(engine.close)
-        log.info("engine stopped after %d batches", engine.stats["batches"])
+        # uvicorn has let in-flight requests finish (or given up after its timeout); finish
+        # or cancel what is still queued, then stop
+        await asyncio.to_thread(engine.close, shutdown_timeout)
+        log.info("engine stopped after %d steps", engine.stats["steps"])
 
     # no /docs or /redoc: they load their scripts from a CDN; /openapi.json stays
     app = FastAPI(
         title="actadd", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None
     )
-    app.state.actadd = _State(lm, model_id, engine, store, reader, limits, api_key)
+    st = _State(lm, model_id, engine, vectors, conditions, reader, limits, api_key, metrics)
+    app.state.actadd = st
     engine.start()  # also usable without lifespan events (e.g. httpx's ASGITransport)
     _install_errors(app)
-    app.add_middleware(_BodyLimit, limits=limits)
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(_auth(api_key))])
-    _routes(api, app.state.actadd)
+    app.add_middleware(Guard, limits=limits, api_key=api_key, allowed_hosts=allowed_hosts)
+    app.add_middleware(CountRequests, metrics=metrics)  # outermost: counts refusals too
+
+    api = APIRouter(prefix="/v1")
+    _routes(api, st)
     app.include_router(api)
 
     @app.get("/health", include_in_schema=False)
     async def health() -> dict[str, Any]:
         return {"status": "closing" if engine.closed else "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.render(engine), media_type=metrics.content_type)
 
     @app.get("/", include_in_schema=False)
     async def playground() -> FileResponse:
@@ -351,13 +390,16 @@ class _State:
         lm: LM,
         model_id: str,
         engine: Engine,
-        store: VectorStore,
+        vectors: Store,
+        conditions: Store,
         reader: RequestReader,
         limits: Limits,
         api_key: str | None,
+        metrics: ServerMetrics,
     ) -> None:
-        self.lm, self.model_id, self.engine, self.store = lm, model_id, engine, store
-        self.reader, self.limits, self.api_key = reader, limits, api_key
+        self.lm, self.model_id, self.engine = lm, model_id, engine
+        self.vectors, self.conditions = vectors, conditions
+        self.reader, self.limits, self.api_key, self.metrics = reader, limits, api_key, metrics
         self.created = int(time.time())
 
 
@@ -365,24 +407,6 @@ def _version() -> str:
     from actadd import __version__
 
     return __version__
-
-
-def _auth(api_key: str | None) -> Callable[[Request], None]:
-    def check(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(
-            token.strip().encode(), api_key.encode()
-        ):
-            raise APIError(
-                401,
-                "missing or wrong API key: send 'Authorization: Bearer <key>' (the key "
-                "given to `actadd serve --api-key`)",
-                code="invalid_api_key",
-            )
-
-    return check
 
 
 def _head(kind: str, model_id: str) -> dict[str, Any]:
@@ -412,7 +436,8 @@ def _routes(api: APIRouter, st: _State) -> None:
             "sites": list(KINDS),
             "locations": list(LOCATIONS),
             "limits": asdict(st.limits),
-            "vectors": sorted(st.store.vectors),
+            "vectors": sorted(st.vectors.items),
+            "conditions": sorted(st.conditions.items),
             "auth": st.api_key is not None,
             "chat_template": bool(getattr(lm.tokenizer, "chat_template", None)),
             "version": _version(),
@@ -420,7 +445,7 @@ def _routes(api: APIRouter, st: _State) -> None:
         }
 
     async def answer(
-        plan: Rows, req: CompletionRequest | ChatRequest, *, chat: bool
+        plan: Rows, req: CompletionRequest | ChatRequest, request: Request, *, chat: bool
     ) -> Response | dict[str, Any]:
         """Queue a request's rows; stream its chunks, or wait and answer in one body."""
         job, queue = _submit(st.engine, plan.rows)
@@ -429,13 +454,19 @@ def _routes(api: APIRouter, st: _State) -> None:
             head = _head(f"{kind}.chunk" if chat else kind, st.model_id)
             usage = bool((req.stream_options or {}).get("include_usage"))
             return await _stream(
-                job, queue, chat=chat, head=head, prompt_tokens=plan.prompt_tokens, usage=usage
+                job,
+                queue,
+                st.engine,
+                chat=chat,
+                head=head,
+                prompt_tokens=plan.prompt_tokens,
+                usage=usage,
             )
-        texts, reasons, tokens = await _collect(job, queue)
+        texts, reasons, tokens, applied = await _collect(job, queue, request, st.engine)
         choices = [
-            {"index": i, "logprobs": None, "finish_reason": r}
+            {"index": i, "logprobs": None, "finish_reason": r, "steering_applied": list(a)}
             | ({"message": {"role": "assistant", "content": t}} if chat else {"text": t})
-            for i, (t, r) in enumerate(zip(texts, reasons, strict=True))
+            for i, (t, r, a) in enumerate(zip(texts, reasons, applied, strict=True))
         ]
         return {
             **_head(kind, st.model_id),
@@ -446,42 +477,23 @@ def _routes(api: APIRouter, st: _State) -> None:
         }
 
     @api.post("/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> Response | dict[str, Any]:
-        return await answer(st.reader.completion(req), req, chat=False)
+    async def completions(req: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+        return await answer(st.reader.completion(req), req, request, chat=False)
 
     @api.post("/chat/completions", response_model=None)
-    async def chat(req: ChatRequest) -> Response | dict[str, Any]:
-        return await answer(st.reader.chat(req), req, chat=True)
+    async def chat(req: ChatRequest, request: Request) -> Response | dict[str, Any]:
+        return await answer(st.reader.chat(req), req, request, chat=True)
 
-    @api.get("/vectors")
-    async def list_vectors() -> dict[str, Any]:
-        return {"object": "list", "data": [st.store.describe(k) for k in sorted(st.store.vectors)]}
-
-    @api.put("/vectors/{name}", response_model=None)
-    async def put_vector(name: str, request: Request) -> JSONResponse:
-        check_name(name)
-        data = await request.body()
-        if not data:
-            raise APIError(
-                400,
-                "empty body: send the .safetensors file (SteeringVector.save) as the request body",
-                param="body",
-            )
-        _, created = await asyncio.to_thread(st.store.put, name, data)
-        return JSONResponse(st.store.describe(name), status_code=201 if created else 200)
-
-    @api.delete("/vectors/{name}")
-    async def delete_vector(name: str) -> dict[str, Any]:
-        st.store.delete(name)
-        return {"id": name, "object": "steering_vector", "deleted": True}
+    for store in (st.vectors, st.conditions):
+        _store_routes(api, store)
 
     @api.post("/actadd/sweep")
-    async def sweep(req: SweepRequest) -> dict[str, Any]:
+    async def sweep(req: SweepRequest, request: Request) -> dict[str, Any]:
         """Generate ``n`` completions per (layer, coefficient) as batched rows; score them."""
         plan = st.reader.sweep(req)
         job, queue = _submit(st.engine, plan.rows)
         t0 = time.perf_counter()
-        texts, _, _ = await _collect(job, queue)
+        texts, _, _, _ = await _collect(job, queue, request, st.engine)
         seconds = time.perf_counter() - t0
         scores = await asyncio.to_thread(_score, texts, req.metric, req.words or [])
         series = []
@@ -504,6 +516,32 @@ def _routes(api: APIRouter, st: _State) -> None:
         }
 
 
+def _store_routes(api: APIRouter, store: Store) -> None:
+    """``GET /v1/{kind}s``, ``PUT`` and ``DELETE /v1/{kind}s/{name}``."""
+    kind = store.kind
+
+    async def list_items() -> dict[str, Any]:
+        return {"object": "list", "data": [store.describe(k) for k in sorted(store.items)]}
+
+    async def put_item(name: str, request: Request) -> JSONResponse:
+        check_name(name)
+        data = await request.body()
+        if not data:
+            raise APIError(
+                400, "empty body: send the .safetensors file as the request body", param="body"
+            )
+        described, created = await asyncio.to_thread(store.put, name, data)
+        return JSONResponse({"id": name, **described}, status_code=201 if created else 200)
+
+    async def delete_item(name: str) -> dict[str, Any]:
+        store.delete(name)
+        return {"id": name, "object": kind, "deleted": True}
+
+    api.add_api_route(f"/{kind}s", list_items, methods=["GET"])
+    api.add_api_route(f"/{kind}s/{{name}}", put_item, methods=["PUT"], response_model=None)
+    api.add_api_route(f"/{kind}s/{{name}}", delete_item, methods=["DELETE"])
+
+
 def _score(texts: list[str], metric: str, words: list[str]) -> list[float]:
     return [float(x) for x in make_metric(metric, words=words)(texts)]
 
@@ -514,14 +552,17 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    shutdown_timeout: float = 10.0,
     **app_options: Any,
 ) -> None:
-    """Run the server with uvicorn until interrupted (Ctrl-C lets in-flight requests finish).
+    """Run the server with uvicorn until interrupted: Ctrl-C (or SIGTERM) lets in-flight
+    requests finish for up to ``shutdown_timeout`` seconds, then cancels what remains.
 
     Args:
         lm: the model.
         host, port: where to listen; the default binds to this machine only.
         log_level: uvicorn's log level.
+        shutdown_timeout: seconds in-flight requests get on shutdown.
         app_options: passed to ``create_app`` (``vectors_dir``, ``api_key``, ``limits``, ...).
 
     Example:
@@ -529,5 +570,11 @@ def serve(
     """
     import uvicorn
 
-    app = create_app(lm, **app_options)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=None)
+    app = create_app(lm, shutdown_timeout=shutdown_timeout, **app_options)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=math.ceil(shutdown_timeout),
+    )

@@ -4,6 +4,10 @@ Everything here runs on the event loop before a request is queued, so bad input 
 with a 4xx ``APIError`` naming the field (``param``) and never reaches the model thread. Only
 what needs a forward pass (resolving additions, and a prompt shorter than an addition) is
 checked later, by the engine, for that request alone.
+
+Each ``steering`` entry becomes one steerable (an x-vector is one, a conditional entry is
+wrapped in ``Conditioned``), so a row's ``applied`` flags line up with the request's entries.
+Chat requests are steered on the last user message's text (``LM.chat_tokens``), as in Python.
 """
 
 from __future__ import annotations
@@ -13,30 +17,47 @@ from dataclasses import dataclass
 from typing import Any
 
 from actadd.additions import ActivationAddition, get_x_vector
+from actadd.batching import Request
+from actadd.conditions import AllOf, AnyOf, Conditional, Not
 from actadd.errors import ActAddError
 from actadd.model import LM
 from actadd.sampling import Sampling
-from actadd.serve.engine import Row
 from actadd.serve.schema import (
     APIError,
     ChatMessage,
     ChatRequest,
     CompletionRequest,
+    ConditionSpec,
     Limits,
     SteeringSpec,
     SweepRequest,
 )
-from actadd.serve.vectors import VectorStore
+from actadd.serve.stores import Store
 from actadd.sites import get_act_name, parse_site
+from actadd.steering import Conditioned
 
-__all__ = ["RequestReader", "Rows", "SweepPlan"]
+__all__ = ["Group", "RequestReader", "Rows", "SweepPlan"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """Steerables that count as one ``steering`` entry (an x-vector's two additions)."""
+
+    parts: tuple[Any, ...]
+    label: str
+
+    def injections(self, lm: LM) -> list[Any]:
+        return [i for p in self.parts for i in p.injections(lm)]
+
+    def describe(self) -> str:
+        return self.label
 
 
 @dataclass(frozen=True)
 class Rows:
     """The rows of one request, its prompt token count and the steering it asked for."""
 
-    rows: list[Row]
+    rows: list[Request]
     prompt_tokens: int
     steering: list[str]
 
@@ -45,23 +66,27 @@ class Rows:
 class SweepPlan:
     """Rows of a sweep; ``first[series, coeff]`` is the first of that point's ``n`` rows."""
 
-    rows: list[Row]
+    rows: list[Request]
     labels: list[str]
     first: dict[tuple[int, int], int]
 
 
 class RequestReader:
-    """Checks requests against the model and the limits, and turns them into ``Row`` lists.
+    """Checks requests against the model and the limits, and turns them into rows.
 
     Args:
         lm: the model served.
         limits: what one request may ask for.
-        store: the steering vectors that ``{"vector": name}`` entries refer to.
+        vectors: the stored vectors ``{"vector": name}`` entries refer to.
+        conditions: the stored conditions ``{"if": {"condition": name}}`` refers to.
         model_id: the only ``model`` value accepted (besides none).
     """
 
-    def __init__(self, lm: LM, limits: Limits, store: VectorStore, model_id: str) -> None:
-        self.lm, self.limits, self.store, self.model_id = lm, limits, store, model_id
+    def __init__(
+        self, lm: LM, limits: Limits, vectors: Store, conditions: Store, model_id: str
+    ) -> None:
+        self.lm, self.limits, self.model_id = lm, limits, model_id
+        self.vectors, self.conditions = vectors, conditions
         config = lm.model.config
         ctx = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 0)
         self.context = int(ctx or 1 << 30)
@@ -85,7 +110,16 @@ class RequestReader:
         stop = self._stop(req.stop)
         sampling = self.sampling(req.temperature, req.top_p, req.frequency_penalty)
         rows = [
-            Row(p, adds, req.steering_location, max_tokens, sampling, seeds[k * req.n + j], stop)
+            Request(
+                p,
+                adds,
+                req.steering_location,
+                None,
+                max_tokens,
+                sampling,
+                seeds[k * req.n + j],
+                stop,
+            )
             for k, p in enumerate(ids)
             for j in range(req.n)
         ]
@@ -101,13 +135,13 @@ class RequestReader:
         asked = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         max_tokens = self._max_tokens(asked, self.limits.default_chat_max_tokens, param)
-        ids = self.chat_ids(req.messages, max_tokens)
+        ids, span = self.chat_ids(req.messages, max_tokens, steered=bool(req.steering))
         adds, described = self.steering(req.steering)
         seeds = self._seeds(req.seed, req.n)
         stop = self._stop(req.stop)
         sampling = self.sampling(req.temperature, req.top_p, req.frequency_penalty)
         rows = [
-            Row(ids, adds, req.steering_location, max_tokens, sampling, seeds[j], stop)
+            Request(ids, adds, req.steering_location, span, max_tokens, sampling, seeds[j], stop)
             for j in range(req.n)
         ]
         return Rows(rows, len(ids), described)
@@ -125,9 +159,10 @@ class RequestReader:
                 f"{completions} completions; at most {self.limits.max_sweep_rows}",
                 param="coeffs",
             )
-        rows: list[Row] = []
+        rows: list[Request] = []
         first: dict[tuple[int, int], int] = {}
         unsteered: int | None = None
+        sampling = self.sampling(req.temperature, req.top_p, req.frequency_penalty)
         for si in range(len(labels)):
             for ci, c in enumerate(req.coeffs):
                 if c == 0 and unsteered is not None:
@@ -136,21 +171,22 @@ class RequestReader:
                 adds: tuple[Any, ...] = ()
                 if c != 0:
                     layer = None if req.vector is not None else req.layers[si]
-                    spec = SteeringSpec(
-                        add=req.add,
-                        sub=req.sub,
-                        vector=req.vector,
-                        coeff=c,
-                        site=req.site,
-                        layer=layer,
+                    spec = SteeringSpec.model_validate(
+                        {
+                            "add": req.add,
+                            "sub": req.sub,
+                            "vector": req.vector,
+                            "coeff": c,
+                            "site": req.site,
+                            "layer": layer,
+                        }
                     )
-                    adds = tuple(self.steerables(spec, "coeffs"))
+                    adds = (self.steerable(spec, "coeffs"),)
                 first[si, ci] = len(rows)
                 if c == 0:
                     unsteered = len(rows)
-                sampling = self.sampling(req.temperature, req.top_p, req.frequency_penalty)
                 rows += [
-                    Row(ids, adds, req.location, max_tokens, sampling, req.seed + j)
+                    Request(ids, adds, req.location, None, max_tokens, sampling, req.seed + j)
                     for j in range(req.n)
                 ]
         return SweepPlan(rows, labels, first)
@@ -161,40 +197,20 @@ class RequestReader:
             raise APIError(400, "the prompt must be a non-empty string", param=param)
         return self._fits(self.lm.token_ids(text), max_tokens, param)
 
-    def chat_ids(self, messages: list[ChatMessage], max_tokens: int) -> tuple[int, ...]:
-        """The model's chat template with the generation prompt (``<|im_start|>assistant``)."""
-        turns = []
-        for i, m in enumerate(messages):
-            content = m.content
-            if not isinstance(content, str):
-                parts = []
-                for part in content:
-                    if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                        raise APIError(
-                            400,
-                            "only text content parts are supported",
-                            param=f"messages[{i}].content",
-                        )
-                    parts.append(part["text"])
-                content = "".join(parts)
-            role = "system" if m.role == "developer" else m.role
-            turns.append({"role": role, "content": content})
-        tok = self.lm.tokenizer
-        if getattr(tok, "chat_template", None):
-            try:
-                text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-            except Exception as e:  # templates raise on e.g. roles they do not know
-                raise APIError(
-                    400, f"the model's chat template rejected the messages: {e}", param="messages"
-                ) from e
-            ids = tok(text, add_special_tokens=False).input_ids  # the template has the BOS
-        else:  # no template (e.g. a base model): a plain transcript
-            text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-            ids = self.lm.token_ids(text)
-        return self._fits(list(ids), max_tokens, "messages")
+    def chat_ids(
+        self, messages: list[ChatMessage], max_tokens: int, *, steered: bool = True
+    ) -> tuple[tuple[int, ...], tuple[int, int] | None]:
+        """The model's chat template with the assistant's turn opened, and the span of the
+        last user message (where steering lands)."""
+        try:
+            ct = self.lm.chat_tokens([m.model_dump() for m in messages])
+            span = ct.last_user if steered else None
+        except ActAddError as e:
+            raise APIError(400, str(e), param="messages") from e
+        return self._fits(list(ct.ids), max_tokens, "messages"), span
 
     def steering(self, specs: list[SteeringSpec]) -> tuple[tuple[Any, ...], list[str]]:
-        """Steerables for a request's ``steering`` list, and their descriptions."""
+        """One steerable per ``steering`` entry, and their descriptions."""
         if len(specs) > self.limits.max_additions:
             raise APIError(
                 400,
@@ -202,13 +218,12 @@ class RequestReader:
                 param="steering",
                 code="too_many_additions",
             )
-        adds: list[Any] = []
-        for i, s in enumerate(specs):
-            adds.extend(self.steerables(s, f"steering[{i}]"))
-        return tuple(adds), [a.describe() for a in adds]
+        adds = tuple(self.steerable(s, f"steering[{i}]") for i, s in enumerate(specs))
+        return adds, [a.describe() for a in adds]
 
-    def steerables(self, s: SteeringSpec, param: str) -> list[Any]:
-        """``ActivationAddition`` objects (one, or an x-vector pair) or a stored vector."""
+    def steerable(self, s: SteeringSpec, param: str) -> Any:
+        """An entry as one steerable: an addition, an x-vector pair, or a stored vector,
+        wrapped in ``Conditioned`` when it has ``if``."""
         if s.coeff is not None and abs(s.coeff) > self.limits.max_coeff:
             raise APIError(
                 400,
@@ -216,9 +231,31 @@ class RequestReader:
                 param=f"{param}.coeff",
                 code="coeff_out_of_range",
             )
+        base = self._unconditional(s, param)
+        if s.if_ is None:
+            return base
+        return Conditioned([base], self.condition(s.if_, f"{param}.if"))
+
+    def condition(self, spec: ConditionSpec, param: str) -> Conditional:
+        """A condition expression of stored conditions."""
+        if spec.condition is not None:
+            found: Conditional = self.conditions.get(spec.condition, f"{param}.condition")
+            return found
+        if spec.any is not None:
+            return AnyOf(
+                tuple(self.condition(c, f"{param}.any[{i}]") for i, c in enumerate(spec.any))
+            )
+        if spec.all is not None:
+            return AllOf(
+                tuple(self.condition(c, f"{param}.all[{i}]") for i, c in enumerate(spec.all))
+            )
+        assert spec.not_ is not None  # the schema allows exactly one
+        return Not(self.condition(spec.not_, f"{param}.not"))
+
+    def _unconditional(self, s: SteeringSpec, param: str) -> Any:
         if s.vector is not None:
-            v = self.store.get(s.vector, f"{param}.vector")
-            return [v if s.coeff is None else v.with_coeff(s.coeff)]
+            v = self.vectors.get(s.vector, f"{param}.vector")
+            return v if s.coeff is None else v.with_coeff(s.coeff)
         if s.layer is None:  # SteeringSpec requires it; a bare call might not
             raise APIError(400, "layer is required", param=f"{param}.layer")
         try:
@@ -233,7 +270,7 @@ class RequestReader:
         coeff = 1.0 if s.coeff is None else s.coeff
         try:
             if s.sub is None:
-                return [ActivationAddition(coeff, act_name, prompt=s.prompt or s.add)]
+                return ActivationAddition(coeff, act_name, prompt=s.prompt or s.add)
             kw: dict[str, Any] = {}
             if s.pad:
                 kw = {
@@ -241,24 +278,18 @@ class RequestReader:
                     "model": self.lm,
                     "custom_pad_id": self.lm.to_single_token(" "),
                 }
-            return list(get_x_vector(s.add or "", s.sub, coeff, act_name, **kw))
+            pair = get_x_vector(s.add or "", s.sub, coeff, act_name, **kw)
+            return Group(pair, f"{pair[0].describe()}; {pair[1].describe()}")
         except ActAddError as e:
             raise APIError(400, str(e), param=param) from e
 
     # -- checks ----------------------------------------------------------------------------------
-    @staticmethod
-    def sampling(temperature: float, top_p: float, frequency_penalty: float) -> Sampling:
-        try:
-            return Sampling(temperature, top_p, 0, frequency_penalty)
-        except ActAddError as e:
-            raise APIError(400, str(e), param="temperature") from e
-
     def _model(self, model: str | None) -> None:
         if model not in (None, "", self.model_id):
             raise APIError(
                 404,
-                f"model {model!r} is not served here; this server serves "
-                f"{self.model_id!r} (GET /v1/models)",
+                f"model {model!r} is not served here; this server serves {self.model_id!r} "
+                "(GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )
@@ -294,9 +325,7 @@ class RequestReader:
             )
         if rows > self.limits.max_rows:
             raise APIError(
-                400,
-                f"{rows} completions (prompts × n); at most {self.limits.max_rows}",
-                param="n",
+                400, f"{rows} completions (prompts × n); at most {self.limits.max_rows}", param="n"
             )
         if req.presence_penalty:
             raise APIError(
@@ -308,6 +337,13 @@ class RequestReader:
             raise APIError(400, "logit_bias is not supported", param="logit_bias")
         if req.logprobs:
             raise APIError(400, "logprobs are not supported", param="logprobs")
+
+    @staticmethod
+    def sampling(temperature: float, top_p: float, frequency_penalty: float) -> Sampling:
+        try:
+            return Sampling(temperature, top_p, 0, frequency_penalty)
+        except ActAddError as e:
+            raise APIError(400, str(e), param="temperature") from e
 
     @staticmethod
     def _seeds(seed: int | None, count: int) -> list[int]:

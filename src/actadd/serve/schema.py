@@ -8,6 +8,11 @@
 * ``{"vector": "honesty", "coeff": 4}``: a stored ``SteeringVector`` (``GET /v1/vectors``),
   at its own sites, with ``coeff`` replacing its coefficient when given;
 
+and optionally ``"if": {"condition": "legal_advice"}`` (a stored ``Condition``,
+``GET /v1/conditions``; or ``{"any": [...]}``, ``{"all": [...]}``, ``{"not": {...}}``): the
+entry then steers a choice only if the condition holds for its prompt, and the response says
+which entries applied (``steering_applied``, one list per choice).
+
 with an optional ``"site"`` (``resid_pre``, ``resid_post``, ``attn_out``, ``mlp_out``). All
 entries of a request share ``steering_location`` (``front``, ``mid``, ``back`` or ``all``); when
 it is not given each entry lands at its own default (``front`` for prompt additions, ``all`` for
@@ -24,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from actadd.metrics import METRICS
 from actadd.positions import LOCATIONS
@@ -35,6 +40,7 @@ __all__ = [
     "ChatMessage",
     "ChatRequest",
     "CompletionRequest",
+    "ConditionSpec",
     "Limits",
     "SteeringSpec",
     "SweepRequest",
@@ -46,6 +52,22 @@ SiteKind = Literal[KINDS]  # type: ignore[valid-type]
 Location = Literal[LOCATIONS]  # type: ignore[valid-type]
 MetricName = Literal[tuple(METRICS)]  # type: ignore[valid-type]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+MAX_SEED = 2**63 - 2**20  # row i samples with seed + i: room for every row of a request
+
+
+def _encodable(text: str) -> str:
+    # JSON may carry lone UTF-16 surrogates ("\ud800"); no tokenizer can encode them
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"contains a character that is not valid Unicode (a lone surrogate at {e.start})"
+        ) from e
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 
 class APIError(Exception):
@@ -59,8 +81,10 @@ class APIError(Exception):
         type: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status, self.message, self.type, self.param, self.code = (
             status,
             message,
@@ -94,26 +118,52 @@ class Limits:
     max_coeff: float = 1000.0
     max_stop: int = 4
     max_body_bytes: int = 1 << 20  # JSON bodies
-    max_vector_bytes: int = 64 << 20  # PUT /v1/vectors/{name}
-    max_vectors: int = 256
+    max_vector_bytes: int = 64 << 20  # PUT /v1/vectors/{name} and /v1/conditions/{name}
+    max_vectors: int = 64  # stored vectors, and stored conditions
+    max_meta_bytes: int = 64 << 10  # a stored file's metadata (JSON)
     max_sweep_rows: int = 96  # layers × coeffs × n
+    body_timeout: float = 10.0  # seconds to send a whole request body
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class ConditionSpec(_Strict):
+    """When a steering entry applies: a stored condition by name, or ``any``/``all`` of
+    several, or ``not`` one (nested at most four deep)."""
+
+    condition: str | None = None
+    any: list[ConditionSpec] | None = Field(None, min_length=1, max_length=8)
+    all: list[ConditionSpec] | None = Field(None, min_length=1, max_length=8)
+    not_: ConditionSpec | None = Field(None, alias="not")
+
+    @model_validator(mode="after")
+    def _one(self) -> ConditionSpec:
+        given = [x is not None for x in (self.condition, self.any, self.all, self.not_)]
+        if sum(given) != 1:
+            raise ValueError('give exactly one of "condition", "any", "all" or "not"')
+        if self.depth() > 4:
+            raise ValueError("conditions nest at most four deep")
+        return self
+
+    def depth(self) -> int:
+        kids = [*(self.any or []), *(self.all or []), *([self.not_] if self.not_ else [])]
+        return 1 + max((k.depth() for k in kids), default=0)
 
 
 class SteeringSpec(_Strict):
     """One entry of ``steering`` (see the module docs)."""
 
-    prompt: str | None = None
-    add: str | None = None
-    sub: str | None = None
+    prompt: Text | None = None
+    add: Text | None = None
+    sub: Text | None = None
     vector: str | None = None
     coeff: float | None = Field(None, allow_inf_nan=False)
     layer: int | None = None
     site: SiteKind = "resid_pre"
     pad: bool = False
+    if_: ConditionSpec | None = Field(None, alias="if")
 
     @model_validator(mode="after")
     def _one_kind(self) -> SteeringSpec:
@@ -137,12 +187,12 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
     presence_penalty: float = Field(0.0, allow_inf_nan=False)
-    seed: int | None = None
+    seed: Seed | None = None
     n: int = Field(1, ge=1)
     stream: bool = False
     stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    user: str | None = None
+    stop: Text | list[Text] | None = None
+    user: Text | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Any = None
     steering: list[SteeringSpec] = Field(default_factory=list)
@@ -152,7 +202,7 @@ class _Sampling(_Strict):
 class CompletionRequest(_Sampling):
     """``POST /v1/completions``: OpenAI's legacy completions, plus ``steering``."""
 
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     best_of: int | None = None
@@ -161,8 +211,8 @@ class CompletionRequest(_Sampling):
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[dict[str, Any]]
-    name: str | None = None
+    content: Text | list[dict[str, Any]]
+    name: Text | None = None
 
 
 class ChatRequest(_Sampling):
@@ -183,22 +233,22 @@ class SweepRequest(_Strict):
     every point, so points differ only by the steering); coefficient 0 is the unsteered model.
     """
 
-    prompt: str
-    add: str | None = None
-    sub: str | None = None
+    prompt: Text
+    add: Text | None = None
+    sub: Text | None = None
     vector: str | None = None
     layers: list[int] = Field(default_factory=lambda: [6], min_length=1, max_length=8)
     coeffs: list[FiniteFloat] = Field(min_length=1, max_length=21)
     site: SiteKind = "resid_pre"
     location: Location | None = None
     metric: MetricName = "sentiment"  # type: ignore[valid-type]
-    words: list[str] | None = None
+    words: list[Text] | None = None
     n: int = Field(2, ge=1, le=16)
     max_tokens: int = Field(24, ge=1)
     temperature: float = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: float = Field(0.3, gt=0, le=1, allow_inf_nan=False)
     frequency_penalty: float = Field(1.0, ge=-2, le=2, allow_inf_nan=False)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _what(self) -> SweepRequest:
