@@ -147,6 +147,7 @@ class MapResult:
     seconds: float = 0.0
     compute_s: list[float] = field(default_factory=list)
     round_trip_s: list[float] = field(default_factory=list)
+    by_worker: dict[int, int] = field(default_factory=dict)  # chunks finished per worker
 
     @property
     def overhead_s(self) -> float:
@@ -155,7 +156,7 @@ class MapResult:
         return gaps[len(gaps) // 2] if gaps else float("nan")
 
 
-class _ModelWorker:
+class ModelWorker:
     """The Ray actor: one model replica (made remote lazily, so Ray stays optional)."""
 
     def __init__(self, spec: ModelSpec, threads: int | None) -> None:
@@ -293,7 +294,7 @@ class RayExecutor:
         """Connect, start the workers and wait until every one has loaded its model."""
         ray = self._connect()
         n, resources = self._placement(ray)
-        remote = ray.remote(_ModelWorker).options(
+        remote = ray.remote(ModelWorker).options(
             max_restarts=self.max_restarts,
             max_task_retries=0,  # the driver loop requeues; Ray must not rerun chunks itself
             scheduling_strategy="SPREAD",
@@ -414,8 +415,8 @@ class RayExecutor:
                 log.warning("worker %d went away (%s); waiting for it", w.index, type(e).__name__)
                 probing[w.handle.ping.remote()] = w
 
-        progress.report(task, done, total, status=status())
         try:
+            progress.report(task, done, total, status=status())
             while queue or pending:
                 while queue and idle:
                     w, c = idle.popleft(), queue.popleft()
@@ -451,6 +452,7 @@ class RayExecutor:
                     out.results[c.key] = result
                     out.compute_s.append(compute)
                     out.round_trip_s.append(time.perf_counter() - sent)
+                    out.by_worker[w.index] = out.by_worker.get(w.index, 0) + 1
                     idle.append(w)
                     done += c.rows
                     if on_result is not None:
@@ -459,7 +461,10 @@ class RayExecutor:
         except KeyboardInterrupt:
             out.interrupted = True
             for ref in pending:
-                ray.cancel(ref)
+                try:
+                    ray.cancel(ref)
+                except Exception as e:  # already finished or its worker is gone
+                    log.debug("cancel: %s", e)
             log.warning(
                 "interrupted: %d chunks finished, %d cancelled",
                 len(out.results),
@@ -516,8 +521,8 @@ class LocalExecutor:
         todo = list(chunks)
         total = rows_total if rows_total is not None else rows_done + sum(c.rows for c in todo)
         out, done, t0 = MapResult(), rows_done, time.perf_counter()
-        progress.report(task, done, total)
         try:
+            progress.report(task, done, total)
             for c in todo:
                 t1 = time.perf_counter()
                 with progress.silenced():
@@ -547,15 +552,30 @@ Executor = RayExecutor | LocalExecutor
 
 @contextmanager
 def executor(
-    model: LM | ModelSpec | str | None, ray: str | None, workers: int | None = None
+    model: LM | ModelSpec | str | None,
+    ray: str | RayExecutor | None,
+    workers: int | None = None,
 ) -> Iterator[Executor]:
     """A started executor: on Ray when ``ray`` is an address, else in this process (``model``
-    must then be an ``LM``, or a spec/name to load here). Closed after the block.
+    must then be an ``LM``, or a spec/name to load here). Closed after the block, except a
+    running ``RayExecutor`` given as ``ray``, which is used as it is (its workers serve many
+    calls without reloading the model).
 
     Example:
         >>> with executor(lm, "local", 2) as ex:  # doctest: +SKIP
         ...     out = ex.map(fn, chunks, task="demo")
     """
+    if isinstance(ray, RayExecutor):
+        if workers is not None:
+            raise ActAddError("workers= is the executor's own: leave it out when ray= is one")
+        wanted = model.spec if isinstance(model, LM) else model
+        if wanted is not None and spec_of(wanted) != ray.spec:
+            raise ActAddError(
+                f"ray= is an executor for {ray.spec.name!r}, but the model is "
+                f"{spec_of(wanted).name!r}: start an executor for this model"
+            )
+        yield ray
+        return
     if ray is None:
         if workers is not None:
             raise ActAddError("workers= sets the number of Ray workers: give ray= too")

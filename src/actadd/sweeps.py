@@ -31,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -46,6 +46,9 @@ from actadd.metrics import Metric, add_metric_cols
 from actadd.model import LM, as_lm
 from actadd.sites import canonical_act_name
 from actadd.steering import Injection, Steerable
+
+if TYPE_CHECKING:
+    from actadd.executor import RayExecutor
 
 __all__ = [
     "SlicedAddition",
@@ -277,7 +280,7 @@ def sweep_over_prompts(
     res_stream_slice: slice = slice(None),
     batch_size: int | None = None,
     progress: bool = True,
-    ray: str | None = None,
+    ray: str | RayExecutor | None = None,
     workers: int | None = None,
     store: str | os.PathLike[str] | None = None,
     chunk_size: int | None = None,
@@ -304,7 +307,8 @@ def sweep_over_prompts(
         progress: show a rich progress bar (on stderr).
         ray: run on a Ray cluster: ``"local"`` (start one here), ``"auto"`` (join the one
             this machine belongs to), ``"ray://host:10001"`` or ``"host:6379"``; each worker
-            loads the model (``pip install 'actadd[ray]'``).
+            loads the model (``pip install 'actadd[ray]'``). A running
+            ``actadd.executor.RayExecutor`` is used as it is (no model reload).
         workers: Ray workers (model replicas); default one per GPU, else one per node.
         store: keep finished chunks here as Parquet (one file per chunk, named by a hash of
             what it depends on); rerunning the same sweep reads them back and runs only the
@@ -444,7 +448,7 @@ def _run_chunked(
     prompts: list[str],
     base: int,
     settings: dict[str, Any],
-    ray: str | None,
+    ray: str | RayExecutor | None,
     workers: int | None,
     store: str | os.PathLike[str] | None,
     chunk_size: int,
@@ -477,6 +481,7 @@ def _run_chunked(
         "overhead_s": run.map.overhead_s,
         "compute_s": run.map.compute_s,
         "round_trip_s": run.map.round_trip_s,
+        "by_worker": run.map.by_worker,
         "where": where,
     }
     log.info(
