@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from netns import FLAG, in_loopback_only_netns, lo_up
 
 import actadd
 from actadd import progress
 from actadd import sweeps as S
+from netns import FLAG, in_loopback_only_netns, lo_up
 
 if os.environ.get(FLAG) != "1":
     pytest.skip(

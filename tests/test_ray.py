@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from netns import FLAG, run_pytest_in_netns, unavailable_reason
 
 SUITE = Path(__file__).with_name("ray_cluster_suite.py")
