@@ -230,6 +230,10 @@ class ModelSpec:
     prepend_bos: bool | None = None
     cache: bool = True
 
+    def __post_init__(self) -> None:
+        if self.name is not None:  # another process may run elsewhere: no relative paths
+            object.__setattr__(self, "name", _absolute(self.name))
+
     def load(self) -> LM:
         """``load_model`` with these arguments."""
         return load_model(**asdict(self))
@@ -299,7 +303,7 @@ def load_model(
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)
     spec = ModelSpec(
-        None if name is None else _absolute(name),
+        None if name is None else str(name),
         _dtype_name(dtype),
         None if device is None else str(device),
         device_map if isinstance(device_map, (str, type(None))) else dict(device_map),

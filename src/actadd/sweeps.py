@@ -332,6 +332,8 @@ def sweep_over_prompts(
         ...     temperature=1, freq_penalty=1, top_p=0.3)  # doctest: +SKIP
     """
     chunked = ray is not None or store is not None
+    if workers is not None and ray is None:
+        raise ActAddError("workers= is the number of Ray workers: give ray= too")
     if not chunked:
         model = model.load() if isinstance(model, ModelSpec) else as_lm(model)
     elif not isinstance(model, ModelSpec):
