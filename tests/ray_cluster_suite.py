@@ -68,7 +68,9 @@ def configs() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def workers(cluster, lm):
-    """Two workers kept for the module (each test would otherwise reload the model)."""
+    """Two workers kept for the rest of the module (each test would otherwise reload the
+    model). They hold both CPUs of the cluster: the one test that starts its own workers
+    (through the CLI) comes before the first test that uses this fixture."""
     from actadd.executor import RayExecutor
 
     with RayExecutor(lm, address="auto", workers=2, start_timeout=TIMEOUT) as ex:
@@ -95,11 +97,36 @@ def model_worker_pids() -> list[int]:
     return pids
 
 
-def test_sweep_on_two_workers_equals_the_local_sweep(cluster, lm, configs):
+def test_cli_sweep_on_ray_resumes_and_writes_what_a_local_run_writes(tiny_dir, cluster, tmp_path):
+    from typer.testing import CliRunner
+
+    from actadd.cli import app
+
+    args = ["sweep", "--model", str(tiny_dir("llama")), "--prompt", "hello there"]
+    args += ["--add", "abc", "--sub", "xyz", "--layers", "0,2", "--coeffs", "2,6", "--n", "2"]
+    args += ["--tokens", "5", "--metric", "words", "--words", "e", "--top-p", "0.9"]
+    local = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "local")])
+    assert local.exit_code == 0, local.output
+    on_ray = [*args, "--ray", "auto", "--workers", "2", "--chunk-size", "3"]
+    on_ray += ["--out", str(tmp_path / "ray")]
+    # the address path: the command starts two workers, which load the model (this process
+    # does not), and stops them
+    first = CliRunner().invoke(app, on_ray)
+    assert first.exit_code == 0, first.output
+    assert "4 chunks: 0 resumed" in first.output and "2 workers on 1 node" in first.output
+    again = CliRunner().invoke(app, on_ray)
+    assert again.exit_code == 0, again.output
+    assert "4 chunks: 4 resumed" in again.output and "0 run" in again.output
+    assert len(list((tmp_path / "ray" / "chunks").glob("*.parquet"))) == 4
+    pd.testing.assert_frame_equal(
+        pd.read_csv(tmp_path / "ray" / "rows.csv"), pd.read_csv(tmp_path / "local" / "rows.csv")
+    )
+
+
+def test_sweep_on_two_workers_equals_the_local_sweep(lm, configs, workers):
     local = sweep(lm, configs, SAMPLED)
-    # the address path (workers started and stopped by the call); the driver gets only the
-    # spec, so this process never loads the model for the Ray run
-    remote = sweep(lm.spec, configs, SAMPLED, ray="auto", workers=2, chunk_size=4)
+    # the sweep gets only the spec: the driver needs no weights for a Ray run
+    remote = sweep(lm.spec, configs, SAMPLED, ray=workers, chunk_size=4)
     pd.testing.assert_frame_equal(remote[0], local[0])
     pd.testing.assert_frame_equal(remote[1], local[1])
     stats = remote[0].attrs["chunks"]
@@ -181,3 +208,39 @@ def test_stop_half_way_then_rerun_runs_only_the_missing_chunks(lm, configs, work
         **GREEDY,
     )
     assert other[0].attrs["chunks"]["resumed"] == 0
+
+
+@pytest.mark.parametrize(("method", "center"), [("mean_diff", False), ("pca", True)])
+def test_vector_from_shards_on_two_workers_equals_the_local_one(lm, workers, method, center):
+    local = actadd.make_vector(lm, "sentiment", "0-2", method=method, center=center)
+    remote = actadd.make_vector(
+        lm, "sentiment", "0-2", method=method, center=center, ray=workers, chunk_size=16
+    )
+    for site, expected in local.directions.items():
+        diff = float((remote.directions[site] - expected).abs().max())
+        print(f"{method} center={center} {site}: max |ray − local| = {diff:.3g}")
+        assert diff <= 1e-6 * float(expected.abs().max())
+        ours, theirs = remote.meta["stats"][site], local.meta["stats"][site]
+        assert ours["agreement"] == theirs["agreement"]
+        assert ours["norm"] == pytest.approx(theirs["norm"], rel=1e-9)
+
+
+def test_corpus_metrics_and_pair_search_on_two_workers_equal_local(lm, workers):
+    from actadd.model_metrics import logit_shift, perplexity_ratio, text_loss
+
+    texts = [f"text number {i}: {'abcdefgh' * (1 + i % 3)}" for i in range(20)]
+    adds = list(actadd.get_x_vector("abc", "xyz", coeff=4, act_name=1))
+    opts = {"ray": workers, "chunk_size": 6}
+    pd.testing.assert_frame_equal(
+        perplexity_ratio(lm, texts, adds, **opts), perplexity_ratio(lm, texts, adds)
+    )
+    pd.testing.assert_frame_equal(text_loss(lm, texts, **opts), text_loss(lm, texts))
+    shift = logit_shift(lm, texts, adds, positions="all", aligned_tokens=[5, 6], **opts)
+    pd.testing.assert_frame_equal(
+        shift, logit_shift(lm, texts, adds, positions="all", aligned_tokens=[5, 6])
+    )
+    search = {"candidates": ["abc", "bcd", "xyz", "hello"], "negatives": [" ", "q"]}
+    search |= {"layer": 1, "coeff": 6, "rescore": 2, "samples": 2, "tokens": 4, "top_p": 0.9}
+    local = actadd.search_pairs(lm, ["a"], ["hello world"], **search)
+    remote = actadd.search_pairs(lm, ["a"], ["hello world"], ray=workers, chunk_size=3, **search)
+    pd.testing.assert_frame_equal(remote, local)

@@ -19,7 +19,7 @@ import pytest
 from netns import FLAG, run_pytest_in_netns, unavailable_reason
 
 SUITE = Path(__file__).with_name("ray_cluster_suite.py")
-BUDGET_S = 240  # the suite takes ~1 minute on a quiet 2-core machine
+BUDGET_S = 300  # the suite took 90-100 s on the shared 2-core machine (load average ~4)
 
 # Ray, small and quiet, for the cluster the suite starts: no usage reporting, no uv, no auth
 # token written to ~/.ray; a short private temp dir (AF_UNIX socket paths < 108 bytes)
@@ -56,4 +56,4 @@ def test_ray_suite_in_a_loopback_only_namespace():
     assert run.returncode == 0, f"the Ray suite failed (exit {run.returncode}):\n{run.stdout}"
     summary = run.stdout.strip().splitlines()[-1]
     passed = re.search(r"(\d+) passed", summary)
-    assert passed and int(passed.group(1)) >= 4 and "skipped" not in summary, summary
+    assert passed and int(passed.group(1)) >= 8 and "skipped" not in summary, summary
