@@ -44,7 +44,13 @@ from typing import Any
 import torch
 
 from actadd import progress
-from actadd.errors import ActAddError, ClusterError, ModelLoadError, require
+from actadd.errors import (
+    ActAddError,
+    ClusterError,
+    MissingDependencyError,
+    ModelLoadError,
+    require,
+)
 from actadd.identity import model_identity
 from actadd.loading import ModelSpec
 from actadd.model import LM
@@ -266,6 +272,14 @@ class RayExecutor:
             kwargs.update(include_dashboard=False, object_store_memory=512 * 2**20)
         else:
             kwargs["address"] = self.address
+        if self.address.startswith("ray://"):
+            try:
+                import grpc  # noqa: F401  (Ray Client's transport, not in plain `ray`)
+            except ImportError as e:
+                raise MissingDependencyError(
+                    "a ray:// address uses Ray Client, which needs Ray's client extra: pip "
+                    "install 'ray[client]' (or run on a cluster node with ray='auto')"
+                ) from e
         try:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -294,6 +308,16 @@ class RayExecutor:
         """Connect, start the workers and wait until every one has loaded its model."""
         ray = self._connect()
         n, resources = self._placement(ray)
+        kind = "GPU" if "num_gpus" in resources else "CPU"
+        need = n * resources["num_gpus" if kind == "GPU" else "num_cpus"]
+        have = ray.cluster_resources().get(kind, 0)
+        if need > have:
+            raise ClusterError(
+                f"{n} workers need {need} {kind}s but the cluster has {have:g}: ask for fewer "
+                "workers, or add nodes"
+            )
+        if need > ray.available_resources().get(kind, 0):
+            log.warning("%d workers wait for %d free %ss (others are in use)", n, need, kind)
         remote = ray.remote(ModelWorker).options(
             max_restarts=self.max_restarts,
             max_task_retries=0,  # the driver loop requeues; Ray must not rerun chunks itself
