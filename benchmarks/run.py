@@ -302,18 +302,28 @@ def bench_ray(n: int, n_new: int) -> list[dict]:
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"ray_sweep.py failed:\n{out.stderr[-3000:]}")
-    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return ray_rows(json.loads(out.stdout.strip().splitlines()[-1]), n, n_new)
+
+
+def ray_rows(r: dict[str, Any], n: int, n_new: int) -> list[dict]:
+    """The table rows of one ray_sweep.py run: Ray against the local sweep with one torch
+    thread (what each worker has) and with every core, and with the cluster's start-up."""
     case = f"{r['configurations']} configs × {n} + {n} unsteered, {n_new} tokens"
     base = {"workload": "ray", "target": None, "ok": None, "ratio_kind": "time / local", **r}
+    started = r["ray_sweep_s"] + r["cluster_start_s"] + r["workers_start_s"]
+    threads = r["local_torch_threads"]
     return [
-        {**base, "key": "ray-sweep", "case": f"{case}: 2 Ray workers (1 thread each) vs local",
+        {**base, "key": "ray-sweep", "case": f"{case}: 2 Ray workers vs local, 1 thread each",
+         "ratio": r["ray_sweep_s"] / r["local_1thread_s"],
+         "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_1thread_s"]]}},
+        {**base, "key": "ray-sweep-all-cores",
+         "case": f"{case}: 2 Ray workers vs local with {threads} threads",
          "ratio": r["ray_sweep_s"] / r["local_s"],
          "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_s"]]}},
         {**base, "key": "ray-sweep-with-start",
-         "case": f"{case}: the same with cluster start and model loads",
-         "ratio": (r["ray_sweep_s"] + r["cluster_start_s"] + r["workers_start_s"]) / r["local_s"],
-         "seconds": {"ray": [r["ray_sweep_s"] + r["cluster_start_s"] + r["workers_start_s"]],
-                     "local": [r["local_s"]]}},
+         "case": f"{case}: Ray with cluster start and model loads vs local, 1 thread",
+         "ratio": started / r["local_1thread_s"],
+         "seconds": {"ray": [started], "local": [r["local_1thread_s"]]}},
     ]  # fmt: skip
 
 
@@ -330,8 +340,9 @@ def table(rows: list[dict], title: str) -> Table:
         elif "steered_mb" in r:
             ctx = f"{r['steered_mb']:.0f} vs {r['unsteered_mb']:.0f} MB"
         elif "overhead_per_chunk_s" in r:
-            ctx = (f"{r['rows'] / C.med(r['seconds']['ray']):.2f} vs {r['local_rows_per_s']:.2f} "
-                   f"rows/s; {r['overhead_per_chunk_s'] * 1000:.0f} ms Ray overhead per chunk")  # fmt: skip
+            ray_s, local_s = C.med(r["seconds"]["ray"]), C.med(r["seconds"]["local"])
+            ctx = (f"{r['rows'] / ray_s:.2f} vs {r['rows'] / local_s:.2f} rows/s; "
+                   f"{r['overhead_per_chunk_s'] * 1000:.0f} ms Ray overhead per chunk")  # fmt: skip
         elif "speedup_of_batched_over_loop" in r:
             ctx = f"batched is {r['speedup_of_batched_over_loop']:.1f}x faster than the loop"
         else:
