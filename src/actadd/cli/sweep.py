@@ -157,4 +157,6 @@ def sweep(
     first = next(iter(metrics))
     best = S.best_configurations(reduced, first, k=top)
     console.print(sweep_table(best, reduced_n, first))
-    console.print(f"wrote {len(written)} files to {out}/ (rows.csv, summary.csv, plots)")
+    console.print(
+        f"wrote {len(written)} files to {out.rstrip('/')}/ (rows.csv, summary.csv, plots)"
+    )
