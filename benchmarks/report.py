@@ -34,6 +34,12 @@ def context(r: dict[str, Any]) -> str:
         return f"{r['tok_s']:.0f} vs {r['tok_s_unsteered']:.0f} tok/s"
     if "steered_mb" in r:
         return f"{r['steered_mb']:.0f} vs {r['unsteered_mb']:.0f} MB"
+    if "overhead_per_chunk_s" in r:
+        ray_s, local_s = r["seconds"]["ray"][0], r["seconds"]["local"][0]
+        return (
+            f"{r['rows'] / ray_s:.2f} vs {r['rows'] / local_s:.2f} rows/s; Ray overhead "
+            f"{r['overhead_per_chunk_s'] * 1000:.0f} ms per chunk of {r['chunk_size']} rows"
+        )
     if "speedup_of_batched_over_loop" in r:
         return f"the per-row batch is {r['speedup_of_batched_over_loop']:.1f}× faster"
     secs = [sorted(v)[len(v) // 2] for v in r["seconds"].values()]

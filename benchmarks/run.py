@@ -7,6 +7,8 @@ Workloads (see benchmarks/README.md for the targets):
 3. mixed     - per-row different additions in one batch of 8 and 32 vs the batch unsteered
 4. vectors   - a mean-difference vector from 256 pairs at 8 layers vs as many plain forwards
 5. memory    - peak RSS of steered vs unsteered generation, each in its own subprocess
+6. ray       - a 64-configuration sweep locally and on a local 2-worker Ray cluster (in a
+               loopback-only network namespace: benchmarks/ray_sweep.py)
 
 Usage: ``python benchmarks/run.py [--quick] [--only overhead,sweep] [--reps N]``.
 Prints a table and writes ``benchmarks/results/actadd-<time>.json``.
@@ -38,7 +40,7 @@ import actadd
 from actadd import gen_using_activation_additions, get_x_vector, steer
 
 console = Console(stderr=True)
-WORKLOADS = ("overhead", "sweep", "mixed", "vectors", "memory")
+WORKLOADS = ("overhead", "sweep", "mixed", "vectors", "memory", "ray")
 
 
 def result(workload: str, case: str, times: C.Timings, num: str, den: str, *, kind: str,
@@ -286,6 +288,45 @@ def bench_memory(reps: int, batch: int, n_new: int) -> list[dict]:
     return rows
 
 
+# -- 6. ray --------------------------------------------------------------------------------------
+def bench_ray(n: int, n_new: int) -> list[dict]:
+    """benchmarks/ray_sweep.py in a fresh loopback-only network + PID namespace."""
+    import shutil
+
+    if not shutil.which("unshare"):
+        console.print("ray: skipped (needs `unshare` for a loopback-only network namespace)")
+        return []
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    cmd = ["unshare", *user, "--net", "--pid", "--mount-proc", "--kill-child", sys.executable,
+           str(Path(__file__).with_name("ray_sweep.py")), "--n", str(n), "--tokens", str(n_new)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        raise RuntimeError(f"ray_sweep.py failed:\n{out.stderr[-3000:]}")
+    return ray_rows(json.loads(out.stdout.strip().splitlines()[-1]), n, n_new)
+
+
+def ray_rows(r: dict[str, Any], n: int, n_new: int) -> list[dict]:
+    """The table rows of one ray_sweep.py run: Ray against the local sweep with one torch
+    thread (what each worker has) and with every core, and with the cluster's start-up."""
+    case = f"{r['configurations']} configs × {n} + {n} unsteered, {n_new} tokens"
+    base = {"workload": "ray", "target": None, "ok": None, "ratio_kind": "time / local", **r}
+    started = r["ray_sweep_s"] + r["cluster_start_s"] + r["workers_start_s"]
+    threads = r["local_torch_threads"]
+    return [
+        {**base, "key": "ray-sweep", "case": f"{case}: 2 Ray workers vs local, 1 thread each",
+         "ratio": r["ray_sweep_s"] / r["local_1thread_s"],
+         "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_1thread_s"]]}},
+        {**base, "key": "ray-sweep-all-cores",
+         "case": f"{case}: 2 Ray workers vs local with {threads} threads",
+         "ratio": r["ray_sweep_s"] / r["local_s"],
+         "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_s"]]}},
+        {**base, "key": "ray-sweep-with-start",
+         "case": f"{case}: Ray with cluster start and model loads vs local, 1 thread",
+         "ratio": started / r["local_1thread_s"],
+         "seconds": {"ray": [started], "local": [r["local_1thread_s"]]}},
+    ]  # fmt: skip
+
+
 # -- main ----------------------------------------------------------------------------------------
 def table(rows: list[dict], title: str) -> Table:
     t = Table(title=title)
@@ -298,6 +339,10 @@ def table(rows: list[dict], title: str) -> Table:
             ctx = f"{r['tok_s']:.0f} vs {r['tok_s_unsteered']:.0f} tok/s"
         elif "steered_mb" in r:
             ctx = f"{r['steered_mb']:.0f} vs {r['unsteered_mb']:.0f} MB"
+        elif "overhead_per_chunk_s" in r:
+            ray_s, local_s = C.med(r["seconds"]["ray"]), C.med(r["seconds"]["local"])
+            ctx = (f"{r['rows'] / ray_s:.2f} vs {r['rows'] / local_s:.2f} rows/s; "
+                   f"{r['overhead_per_chunk_s'] * 1000:.0f} ms Ray overhead per chunk")  # fmt: skip
         elif "speedup_of_batched_over_loop" in r:
             ctx = f"batched is {r['speedup_of_batched_over_loop']:.1f}x faster than the loop"
         else:
@@ -333,7 +378,7 @@ def main() -> None:
     record: dict[str, Any] = {
         "library": "actadd", "version": actadd.__version__, "commit": C.git_commit(),
         "started": C.now(), "machine": C.machine(), "quick": q,
-        "reps": {w: args.reps or C.REPS[w] for w in WORKLOADS if w != "memory"},
+        "reps": {w: args.reps or C.REPS[w] for w in WORKLOADS if w not in ("memory", "ray")},
         "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)", "results": [],
     }  # fmt: skip
     t0 = time.perf_counter()
@@ -347,6 +392,7 @@ def main() -> None:
         "mixed": lambda: bench_mixed(lm, reps["mixed"], 6 if q else C.SWEEP_TOKENS, (8, 32)),
         "vectors": lambda: bench_vectors(lm, reps["vectors"], 32 if q else C.VECTOR_PAIRS),
         "memory": lambda: bench_memory(args.memory_reps, 8, 8 if q else C.NEW_TOKENS),
+        "ray": lambda: bench_ray(1 if q else 2, 6 if q else C.SWEEP_TOKENS),
     }
     for name in only:
         with console.status(f"workload: {name}"):
@@ -358,7 +404,8 @@ def main() -> None:
         console.print(f"{name}: done in {time.perf_counter() - t:.0f} s")
     record["seconds_total"] = round(time.perf_counter() - t0, 1)
     record["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = C.write_json("actadd", record)
+    # a Ray-only run gets its own prefix: report.py's Performance table reads the newest full run
+    path = C.write_json("ray" if only == ["ray"] else "actadd", record)
     m = record["machine"]
     (Console() if sys.stdout.isatty() else Console(width=150)).print(
         table(

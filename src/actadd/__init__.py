@@ -31,9 +31,11 @@ _EXPORTS = {
     "LM": "model",
     "MissingDependencyError": "errors",
     "ModelLoadError": "errors",
+    "ModelSpec": "loading",
     "OptimizeResult": "optimize",
     "OutlierWarning": "errors",
     "PromptError": "errors",
+    "RayExecutor": "executor",
     "Site": "sites",
     "SiteError": "errors",
     "SiteMap": "sites",
@@ -105,9 +107,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         SiteError,
         VectorFileError,
     )
+    from actadd.executor import RayExecutor
     from actadd.generation import compare, gen_using_activation_additions, print_n_comparisons
     from actadd.hooks import capture, hooked
-    from actadd.loading import load_model
+    from actadd.loading import ModelSpec, load_model
     from actadd.model import LM
     from actadd.optimize import OptimizeResult, optimize_vector
     from actadd.search import search_pairs

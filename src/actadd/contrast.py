@@ -18,6 +18,9 @@ batched reading equals reading each text alone, on any architecture.
 the differences, uncentred by default (the axis of largest mean squared projection, as RepE's
 PCA of randomly sign-flipped pairs), signed so that the mean projection is positive and scaled
 to it, so that its norm is comparable with ``mean_diff``'s at the same coefficient.
+
+With ``ray=`` the pairs are read in shards by Ray workers and only summed statistics come back
+(``actadd.contrast_stats``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -39,6 +42,9 @@ from actadd.model import LM, as_lm
 from actadd.provenance import provenance
 from actadd.sites import KINDS, Site, get_act_name, parse_site
 from actadd.vectors import SteeringVector
+
+if TYPE_CHECKING:
+    from actadd.executor import RayExecutor
 
 __all__ = ["METHODS", "READS", "make_vector", "mean_diff", "parse_layers", "pca", "read_pairs"]
 
@@ -180,6 +186,9 @@ def make_vector(
     read: str = "mean",
     batch_size: int = 16,
     center: bool = False,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
 ) -> SteeringVector:
     """A steering vector at each layer from contrastive pairs, in one pass over the data.
 
@@ -193,6 +202,10 @@ def make_vector(
         read: which tokens represent a text: ``mean``, ``last`` or ``answer``.
         batch_size: texts per forward pass.
         center: ``pca`` only: centre the differences first (sklearn/repeng's PCA).
+        ray, workers: read the pairs on a Ray cluster (as ``sweep_over_prompts``), in shards
+            of ``chunk_size`` pairs (default ``8 × batch_size``), summing per-shard
+            statistics; the vector equals the local one up to float64 summation order
+            (``actadd.contrast_stats``). ``lm`` must come from ``load_model``.
 
     Returns:
         A ``SteeringVector`` (coeff 1) whose ``meta`` records the model, data, method, and per
@@ -208,10 +221,29 @@ def make_vector(
         raise ActAddError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     ds = as_dataset(pairs)
     sites = _sites(lm, layers, site)
-    pos, neg = read_pairs(lm, ds, sites, read=read, batch_size=batch_size)
-    dirs, stats = {}, {}
-    for s in sites:
-        dirs[s.name], stats[s.name] = _direction(pos[s] - neg[s], method, center)
+    if read not in READS:
+        raise ActAddError(f"read must be one of {', '.join(READS)}, got {read!r}")
+    dirs: dict[str, Tensor] = {}
+    stats: dict[str, dict[str, float]] = {}
+    if ray is not None:
+        from actadd.contrast_stats import vector_statistics_on_ray
+
+        dirs, stats = vector_statistics_on_ray(
+            lm,
+            ds,
+            sites,
+            method=method,
+            read=read,
+            batch_size=batch_size,
+            center=center,
+            ray=ray,
+            workers=workers,
+            chunk_size=chunk_size,
+        )
+    else:
+        pos, neg = read_pairs(lm, ds, sites, read=read, batch_size=batch_size)
+        for s in sites:
+            dirs[s.name], stats[s.name] = _direction(pos[s] - neg[s], method, center)
     meta = provenance(
         lm,
         method=method + ("_centered" if method == "pca" and center else ""),

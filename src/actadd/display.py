@@ -55,7 +55,8 @@ def in_notebook() -> bool:
 @contextmanager
 def progress_bars(console: Console | None = None) -> Iterator[None]:
     """Draw the library's progress reports (``actadd.progress``): one rich bar per task on a
-    terminal or in a notebook, plain lines (at most one every 5 s per task) when piped."""
+    terminal or in a notebook, plain lines (at most one every 5 s per task) when piped; a
+    task's status (e.g. "2/2 workers · 3.1 rows/s") follows its bar or line."""
     from actadd import progress as lib
 
     console = console or Console(stderr=True)
@@ -75,27 +76,33 @@ def progress_bars(console: Console | None = None) -> Iterator[None]:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
             console=console,
         )
         tasks: dict[str, Any] = {}
+        statuses: dict[str, str] = {}
 
         def draw(task: str, done: int, total: int) -> None:
             if task not in tasks:
-                tasks[task] = bars.add_task(task, total=total)
-            bars.update(tasks[task], completed=done, total=total)
+                tasks[task] = bars.add_task(task, total=total, status="")
+            bars.update(
+                tasks[task], completed=done, total=total, status=escape(statuses.get(task, ""))
+            )
 
-        with bars, lib.listening(draw):
+        with bars, lib.listening(draw, status=statuses.__setitem__):
             yield
         return
     last: dict[str, float] = {}
+    notes: dict[str, str] = {}
 
     def line(task: str, done: int, total: int) -> None:
         now = time.monotonic()
         if done >= total or now - last.get(task, -1e9) >= 5.0:
             last[task] = now
-            print(f"{task}: {done}/{total}", file=sys.stderr, flush=True)
+            note = f" · {notes[task]}" if task in notes else ""
+            print(f"{task}: {done}/{total}{note}", file=sys.stderr, flush=True)
 
-    with lib.listening(line):
+    with lib.listening(line, status=notes.__setitem__):
         yield
 
 

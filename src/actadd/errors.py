@@ -15,6 +15,7 @@ from typing import Any
 
 __all__ = [
     "ActAddError",
+    "ClusterError",
     "CompatibilityWarning",
     "MissingDependencyError",
     "ModelLoadError",
@@ -56,6 +57,12 @@ class ModelLoadError(ActAddError):
 
 class MissingDependencyError(ActAddError, ImportError):
     """An optional dependency (an ``actadd[...]`` extra) is not installed."""
+
+
+class ClusterError(RuntimeError):
+    """A Ray cluster that cannot do the work: workers that do not start, or that all died.
+    (Not an ``ActAddError``: the input was fine. Finished chunks are kept where they are
+    written, so rerunning resumes.)"""
 
 
 class OutlierWarning(UserWarning):

@@ -8,9 +8,13 @@ in ``$ACTADD_CACHE_DIR``, else ``$XDG_CACHE_HOME/actadd``, else ``~/.cache/actad
 ``clear_cache()`` (``actadd cache clear``) empties it and ``load_model(..., cache=False)``
 bypasses it.
 
-Big models: ``device_map`` (``"auto"``, ``"balanced"``, or a dict of module → device) and
-``max_memory`` go to accelerate through ``from_pretrained``, so a model can be split across
-GPUs, the CPU and disk; steering puts each addition on its layer's device.
+Big models: ``device_map`` (``"auto"``, ``"balanced"``, or a dict of module → device),
+``max_memory`` and ``offload_folder`` go to accelerate through ``from_pretrained``, so a model
+can be split across GPUs, the CPU and disk; steering puts each addition on its layer's device
+and dtype.
+
+``ModelSpec`` is what ``load_model`` was asked (every ``LM`` it returns carries it as
+``lm.spec``), so another process, a Ray worker on another machine, can load the same model.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +38,14 @@ from actadd import progress
 from actadd.errors import ModelLoadError
 from actadd.model import LM, default_device
 
-__all__ = ["EMBEDDED_LABEL", "cache_dir", "clear_cache", "embedded_model_path", "load_model"]
+__all__ = [
+    "EMBEDDED_LABEL",
+    "ModelSpec",
+    "cache_dir",
+    "clear_cache",
+    "embedded_model_path",
+    "load_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +206,50 @@ def _cached_gguf(path: Path, kwargs: dict[str, Any], *, retry: bool = True) -> t
         return _cached_gguf(path, kwargs, retry=False)
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to load a model: the arguments of ``load_model``, as plain data.
+
+    ``load_model`` records one on every ``LM`` it returns (``lm.spec``); Ray workers load
+    their replica from it. A local path is stored absolute, so it must exist at the same place
+    on every machine of a cluster; ``None`` is the embedded model (installed with actadd).
+
+    Example:
+        >>> spec = ModelSpec("gpt2", dtype="float32")
+        >>> spec.describe()["dtype"]
+        'float32'
+        >>> lm = spec.load()  # doctest: +SKIP
+    """
+
+    name: str | None = None
+    dtype: str | None = None
+    device: str | None = None
+    device_map: str | dict[str, Any] | None = field(default=None, hash=False)
+    max_memory: dict[Any, Any] | None = field(default=None, hash=False)
+    offload_folder: str | None = None
+    prepend_bos: bool | None = None
+    cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.name is not None:  # another process may run elsewhere: no relative paths
+            object.__setattr__(self, "name", _absolute(self.name))
+
+    def load(self) -> LM:
+        """``load_model`` with these arguments."""
+        return load_model(**asdict(self))
+
+    def describe(self) -> dict[str, Any]:
+        """The spec as JSON-able data (for logs and the identity of stored results)."""
+        return {
+            k: (v if isinstance(v, (str, int, float, bool, type(None))) else repr(v))
+            for k, v in asdict(self).items()
+        }
+
+
+def _dtype_name(dtype: torch.dtype | str | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def load_model(
     name: str | os.PathLike[str] | None = None,
     *,
@@ -201,6 +257,7 @@ def load_model(
     device: str | torch.device | None = None,
     device_map: str | Mapping[str, Any] | None = None,
     max_memory: Mapping[Any, Any] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     prepend_bos: bool | None = None,
     cache: bool = True,
 ) -> LM:
@@ -214,6 +271,7 @@ def load_model(
         device_map: accelerate's placement: ``"auto"``, ``"balanced"``, ``"sequential"`` or a
             dict of module name → device (``"cpu"``, ``0``, ``"disk"``).
         max_memory: accelerate's per-device budget, e.g. ``{0: "10GiB", "cpu": "30GiB"}``.
+        offload_folder: where accelerate keeps the weights of modules mapped to ``"disk"``.
         prepend_bos: the sequence-start policy (see ``actadd.model``).
         cache: keep (and reuse) a converted copy of GGUF files (see the module docs).
 
@@ -232,11 +290,28 @@ def load_model(
         dtype = getattr(torch, dtype)
     if device is not None and device_map is not None:
         raise ModelLoadError("give device= or device_map=, not both")
+    if (max_memory is not None or offload_folder is not None) and device_map is None:
+        raise ModelLoadError(
+            "max_memory= and offload_folder= place a model across devices: give device_map= "
+            "too (e.g. device_map='auto')"
+        )
     kwargs: dict[str, Any] = {} if dtype is None else {"dtype": dtype}
     if device_map is not None:
         kwargs["device_map"] = device_map
         if max_memory is not None:
             kwargs["max_memory"] = dict(max_memory)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
+    spec = ModelSpec(
+        None if name is None else str(name),
+        _dtype_name(dtype),
+        None if device is None else str(device),
+        device_map if isinstance(device_map, (str, type(None))) else dict(device_map),
+        None if max_memory is None else dict(max_memory),
+        None if offload_folder is None else str(Path(offload_folder).expanduser().resolve()),
+        prepend_bos,
+        cache,
+    )
     if name is None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         name, label = embedded_model_path(), EMBEDDED_LABEL
@@ -271,4 +346,14 @@ def load_model(
         model.to(default_device() if device is None else torch.device(device))
     model.eval()
     model.requires_grad_(False)  # we own this copy; steering-vector training needs no weight grads
-    return LM(model, tokenizer, prepend_bos=prepend_bos, name=label)
+    lm = LM(model, tokenizer, prepend_bos=prepend_bos, name=label)
+    lm.spec = spec
+    return lm
+
+
+def _absolute(name: str | os.PathLike[str]) -> str:
+    """A local path made absolute (another process may run elsewhere); a hub id unchanged."""
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or str(name).startswith((".", "/", "~")) or path.exists():
+        return str(path.resolve())
+    return str(name)

@@ -30,6 +30,8 @@ from actadd.sites import SiteMap, get_module, guess_site_map
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from actadd.loading import ModelSpec
+
 __all__ = ["LM", "ChatTokens", "MessageSpan", "as_lm", "chat_messages", "default_device"]
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ class LM:
         layers: override the discovered site map, as a dotted path to the decoder-layer
             ``ModuleList`` (e.g. ``"model.layers"``) or a full ``SiteMap``.
         name: a label used in reports and vector files.
+
+    ``lm.spec`` is how ``load_model`` loaded it (None for a model you wrapped yourself): Ray
+    workers load their replicas from it.
 
     Example:
         >>> from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -88,6 +93,7 @@ class LM:
             )
         self.model = model
         self.tokenizer = tokenizer
+        self.spec: ModelSpec | None = None
         config = model.config
         self.name = name or getattr(config, "name_or_path", None) or type(model).__name__
         if isinstance(layers, str):
@@ -224,7 +230,13 @@ class LM:
     # -- facts about the model ------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the first parameter's device that holds data. Modules that
+        accelerate offloads to disk keep ``meta`` parameters (their hooks load the weights
+        and move inputs), so those are skipped."""
+        for p in self.model.parameters():
+            if p.device.type != "meta":
+                return p.device
+        return torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:

@@ -12,7 +12,9 @@ steered and the unsteered model, so the two stay comparable. ``mid``/``back`` ma
 span; ``all`` steers every position and masks nothing.
 
 Texts are right-padded (``lm.pad(..., side="right")``): a causal model's real tokens never see
-the pads after them, so a text's scores do not depend on its batch.
+the pads after them, so a text's scores do not depend on its batch. That is also why a corpus
+can be scored in slices on a Ray cluster (``ray=``, ``actadd.sharding``): each worker scores
+its slice with its own model replica, and the results are the local ones.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -32,6 +34,9 @@ from actadd.errors import ActAddError, PromptError
 from actadd.model import LM, as_lm
 from actadd.steering import as_rows, injected, resolve, steer
 from actadd.texts import TextData, texts_of
+
+if TYPE_CHECKING:
+    from actadd.executor import RayExecutor
 
 __all__ = [
     "aligned_token_ids",
@@ -139,6 +144,9 @@ def text_loss(
     addition_location: str | None = None,
     res_stream_slice: slice = slice(None),
     batch_size: int = 16,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
 ) -> pd.DataFrame:
     """Mean per-token loss (nats) and perplexity of each text under the model, steered by
     ``activation_additions`` if given.
@@ -154,6 +162,8 @@ def text_loss(
         mask_additions: additions whose injected positions to mask (default: the above).
         addition_location, res_stream_slice: as in ``actadd.steer``.
         batch_size: texts per forward pass.
+        ray, workers: score the corpus on a Ray cluster in slices of ``chunk_size`` texts
+            (default 64), as ``sweep_over_prompts`` does; same results.
 
     Returns:
         Columns ``loss``, ``perplexity`` (``exp(loss)``) and ``n_tokens`` (predictions counted).
@@ -166,6 +176,20 @@ def text_loss(
     steered = activation_additions is not None
     rows, _ = as_rows(activation_additions, len(texts))
     masks = rows if mask_additions is None else as_rows(mask_additions, len(texts))[0]
+    if ray is not None:
+        parts = _sharded(
+            lm,
+            _text_loss_slice,
+            list(zip(texts, rows, masks, strict=True)),
+            ray,
+            workers,
+            chunk_size,
+            steered=steered,
+            addition_location=addition_location,
+            res_stream_slice=res_stream_slice,
+            batch_size=batch_size,
+        )
+        return _joined(parts, index)
     loss = np.full(len(texts), np.nan)
     count = np.zeros(len(texts), dtype=int)
     how = _Scoring(addition_location, res_stream_slice, batch_size)
@@ -189,12 +213,16 @@ def perplexity_ratio(
     addition_location: str | None = None,
     res_stream_slice: slice = slice(None),
     batch_size: int = 16,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
 ) -> pd.DataFrame:
     """Loss of each text under the unsteered and the steered model on the same tokens, and the
     perplexity ratio steered / unsteered (< 1: the steering makes the text more likely).
 
     ``activation_additions`` may be one list per text, so many configurations are scored in
-    one batched pass (repeat the texts once per configuration).
+    one batched pass (repeat the texts once per configuration). ``ray``, ``workers`` and
+    ``chunk_size`` score the corpus on a Ray cluster, as in ``text_loss``.
 
     Returns:
         Columns ``loss_unsteered``, ``loss_steered``, ``n_tokens``, ``ratio``. For a whole
@@ -206,6 +234,19 @@ def perplexity_ratio(
     """
     texts, index = texts_of(data, column)
     rows, _ = as_rows(activation_additions, len(texts))
+    if ray is not None:
+        parts = _sharded(
+            lm,
+            _ratio_slice,
+            list(zip(texts, rows, strict=True)),
+            ray,
+            workers,
+            chunk_size,
+            addition_location=addition_location,
+            res_stream_slice=res_stream_slice,
+            batch_size=batch_size,
+        )
+        return _joined(parts, index)
     lu, ls = np.full(len(texts), np.nan), np.full(len(texts), np.nan)
     count = np.zeros(len(texts), dtype=int)
     how = _Scoring(addition_location, res_stream_slice, batch_size)
@@ -217,6 +258,55 @@ def perplexity_ratio(
         {"loss_unsteered": lu, "loss_steered": ls, "n_tokens": count, "ratio": np.exp(ls - lu)},
         index=index,
     )
+
+
+def _sharded(
+    lm: LM,
+    fn: Any,
+    items: list[Any],
+    ray: str | RayExecutor,
+    workers: int | None,
+    chunk_size: int | None,
+    **kwargs: Any,
+) -> list[pd.DataFrame]:
+    from actadd.sharding import map_slices
+
+    return map_slices(
+        as_lm(lm),
+        fn,
+        items,
+        ray=ray,
+        workers=workers,
+        chunk_size=chunk_size,
+        task="scoring texts",
+        **kwargs,
+    )
+
+
+def _joined(parts: list[pd.DataFrame], index: pd.Index) -> pd.DataFrame:
+    out = pd.concat(parts, ignore_index=True)
+    out.index = index
+    return out
+
+
+def _text_loss_slice(lm: LM, items: list[Any], *, steered: bool, **kwargs: Any) -> pd.DataFrame:
+    """On a worker: ``text_loss`` of (text, additions, mask additions) items."""
+    texts = [t for t, _, _ in items]
+    rows = [list(r) for _, r, _ in items] if steered else None
+    return text_loss(lm, texts, rows, mask_additions=[list(m) for _, _, m in items], **kwargs)
+
+
+def _ratio_slice(lm: LM, items: list[Any], **kwargs: Any) -> pd.DataFrame:
+    """On a worker: ``perplexity_ratio`` of (text, additions) items."""
+    return perplexity_ratio(lm, [t for t, _ in items], [list(r) for _, r in items], **kwargs)
+
+
+def _shift_slice(lm: LM, items: list[Any], **kwargs: Any) -> pd.DataFrame:
+    """On a worker: ``logit_shift`` of (input row, text, additions) items, with each record's
+    ``row`` the input's."""
+    out = logit_shift(lm, [t for _, t, _ in items], [list(r) for _, _, r in items], **kwargs)
+    out["row"] = [items[i][0] for i in out["row"]]
+    return out.reset_index(drop=True)
 
 
 def get_loss_metric(lm: LM, *, batch_size: int = 16) -> Any:
@@ -302,6 +392,9 @@ def logit_shift(
     addition_location: str | None = None,
     res_stream_slice: slice = slice(None),
     batch_size: int = 8,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
 ) -> pd.DataFrame:
     """How steering moves the next-token distribution: KL(unsteered ‖ steered) and, given
     steering-aligned token ids, the original library's *effectiveness* and *disruption*.
@@ -315,6 +408,7 @@ def logit_shift(
         positions: ``"last"`` (one row per text: the distribution of the token that would be
             generated next) or ``"all"`` (one row per text and position).
         column, addition_location, res_stream_slice, batch_size: as in ``text_loss``.
+        ray, workers, chunk_size: on a Ray cluster, as in ``text_loss``.
 
     Returns:
         Columns ``row`` (position in the input), ``position``, ``token``, ``injected``
@@ -331,6 +425,25 @@ def logit_shift(
         raise ActAddError(f"positions must be 'last' or 'all', got {positions!r}")
     texts, index = texts_of(data, column)
     rows, _ = as_rows(activation_additions, len(texts))
+    if ray is not None:
+        items = [(i, t, r) for i, (t, r) in enumerate(zip(texts, rows, strict=True))]
+        parts = _sharded(
+            lm,
+            _shift_slice,
+            items,
+            ray,
+            workers,
+            chunk_size,
+            aligned_tokens=aligned_tokens,
+            positions=positions,
+            addition_location=addition_location,
+            res_stream_slice=res_stream_slice,
+            batch_size=batch_size,
+        )
+        shifted = pd.concat(parts, ignore_index=True)
+        if positions == "last":
+            shifted.index = index
+        return shifted
     aligned = None
     if aligned_tokens is not None:
         ids = sorted({int(t) for t in aligned_tokens})
@@ -377,6 +490,9 @@ def next_token_kl(
     addition_location: str | None = None,
     res_stream_slice: slice = slice(None),
     batch_size: int = 8,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
 ) -> pd.Series:
     """KL(unsteered ‖ steered) of the next-token distribution after each text (nats); see
     ``logit_shift`` for the options and for every position.
@@ -394,5 +510,8 @@ def next_token_kl(
         addition_location=addition_location,
         res_stream_slice=res_stream_slice,
         batch_size=batch_size,
+        ray=ray,
+        workers=workers,
+        chunk_size=chunk_size,
     )
     return shift["kl"]

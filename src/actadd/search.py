@@ -12,6 +12,9 @@ unsteered completions with the same seeds.
 
 Candidates are phrases you give, or generated from the vocabulary: the whole-word tokens
 whose input embeddings are closest (cosine) to the target words'.
+
+With ``ray=``, both stages run on a Ray cluster: the pairs are scored in slices by workers
+that each hold a model replica, and the re-scoring completions are generated there too.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -31,6 +34,9 @@ from actadd.generation import gen_using_activation_additions
 from actadd.model import LM, as_lm
 from actadd.sites import canonical_act_name
 from actadd.steering import steer
+
+if TYPE_CHECKING:
+    from actadd.executor import RayExecutor
 
 __all__ = ["search_pairs", "target_token_ids", "vocabulary_candidates", "word_metric"]
 
@@ -119,6 +125,9 @@ def search_pairs(
     metric: Callable[[str], float] | None = None,
     batch_size: int = 32,
     seed: int = 0,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
     **sampling: Any,
 ) -> pd.DataFrame:
     """Score ActAdd pairs ``coeff × (act(positive) − act(negative))`` and return the best.
@@ -136,6 +145,8 @@ def search_pairs(
         rescore: re-score this many of the best by ``samples`` sampled completions each of
             ``tokens`` tokens, with ``metric`` (default: any target word present);
             ``sampling`` goes to ``gen_using_activation_additions`` (e.g. ``top_p=0.3``).
+        ray, workers, chunk_size: score (and re-score) on a Ray cluster, ``chunk_size``
+            pairs per slice (default 64); ``lm`` must come from ``load_model``.
 
     Returns:
         A DataFrame sorted best first: ``positive``, ``negative``, ``effectiveness``, ``kl``,
@@ -168,29 +179,32 @@ def search_pairs(
             f"a candidate has {longest} tokens but the shortest prompt only {shortest}: use "
             "longer evaluation prompts or shorter candidates"
         )
-    tids = torch.tensor(target_token_ids(lm, targets), device=lm.device)
-    base = _next_token_logprobs(lm, prompts, None)  # [P, V]
-    base_t = torch.logsumexp(base[:, tids], -1)  # [P]
-    eff, kl = [], []
-    jobs = [(i, j) for i in range(len(pairs)) for j in range(len(prompts))]
-    for lo in range(0, len(jobs), batch_size):
-        progress.report("scoring pairs", lo, len(jobs))
-        chunk = jobs[lo : lo + batch_size]
-        rows = [list(get_x_vector(*pairs[i], coeff=coeff, act_name=act_name)) for i, _ in chunk]
-        lp = _next_token_logprobs(lm, [prompts[j] for _, j in chunk], rows)  # [B, V]
-        js = torch.tensor([j for _, j in chunk], device=lm.device)
-        eff.append(torch.logsumexp(lp[:, tids], -1) - base_t[js])
-        ref = base[js]
-        kl.append((ref.exp() * (ref - lp)).sum(-1))
-    progress.report("scoring pairs", len(jobs), len(jobs))
-    e = torch.cat(eff).view(len(pairs), len(prompts)).mean(1)
-    k = torch.cat(kl).view(len(pairs), len(prompts)).mean(1)
+    tids = target_token_ids(lm, targets)
+    how: dict[str, Any] = {"prompts": prompts, "tids": tids, "act_name": act_name, "coeff": coeff}
+    if ray is None:
+        e, k = _score_pairs(lm, pairs, batch_size=batch_size, **how)
+    else:
+        from actadd.sharding import map_slices
+
+        parts = map_slices(
+            lm,
+            _score_pairs,
+            pairs,
+            ray=ray,
+            workers=workers,
+            chunk_size=chunk_size,
+            task="scoring pairs",
+            batch_size=batch_size,
+            **how,
+        )
+        e = [x for part, _ in parts for x in part]
+        k = [x for _, part in parts for x in part]
     df = pd.DataFrame(
         {
             "positive": [a for a, _ in pairs],
             "negative": [b for _, b in pairs],
-            "effectiveness": e.tolist(),
-            "kl": k.tolist(),
+            "effectiveness": e,
+            "kl": k,
         }
     )
     df["score"] = df.effectiveness - kl_weight * df.kl
@@ -209,8 +223,53 @@ def search_pairs(
             metric or word_metric(targets),
             seed,
             sampling,
+            ray=ray,
+            workers=workers,
+            chunk_size=chunk_size,
         )
     return df.head(top_k).reset_index(drop=True)
+
+
+def _score_pairs(
+    lm: LM,
+    pairs: list[tuple[str, str]],
+    *,
+    prompts: list[str],
+    tids: list[int],
+    act_name: str,
+    coeff: float,
+    batch_size: int,
+) -> tuple[list[float], list[float]]:
+    """Mean next-token effectiveness and KL of each pair over the prompts (stage 1)."""
+    targets = torch.tensor(tids, device=lm.device)
+    base = _next_token_logprobs(lm, prompts, None)  # [P, V]
+    base_t = torch.logsumexp(base[:, targets], -1)  # [P]
+    eff, kl = [], []
+    jobs = [(i, j) for i in range(len(pairs)) for j in range(len(prompts))]
+    for lo in range(0, len(jobs), batch_size):
+        progress.report("scoring pairs", lo, len(jobs))
+        chunk = jobs[lo : lo + batch_size]
+        rows = [list(get_x_vector(*pairs[i], coeff=coeff, act_name=act_name)) for i, _ in chunk]
+        lp = _next_token_logprobs(lm, [prompts[j] for _, j in chunk], rows)  # [B, V]
+        js = torch.tensor([j for _, j in chunk], device=lm.device)
+        eff.append(torch.logsumexp(lp[:, targets], -1) - base_t[js])
+        ref = base[js]
+        kl.append((ref.exp() * (ref - lp)).sum(-1))
+    progress.report("scoring pairs", len(jobs), len(jobs))
+    e = torch.cat(eff).view(len(pairs), len(prompts)).mean(1)
+    k = torch.cat(kl).view(len(pairs), len(prompts)).mean(1)
+    return e.tolist(), k.tolist()
+
+
+def _generate_rows(lm: LM, items: list[Any], **options: Any) -> pd.DataFrame:
+    """On a worker: completions of (additions, prompt, seed) rows."""
+    return gen_using_activation_additions(
+        lm,
+        [list(a) for a, _, _ in items],
+        [p for _, p, _ in items],
+        seeds=[s for _, _, s in items],
+        **options,
+    )
 
 
 def _rescore(
@@ -225,6 +284,10 @@ def _rescore(
     metric: Callable[[str], float],
     seed: int,
     sampling: dict[str, Any],
+    *,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    chunk_size: int | None = None,
 ) -> pd.DataFrame:
     """Short completions for the ``n`` best pairs and for no steering, same seeds."""
     top = df.head(n)
@@ -234,9 +297,26 @@ def _rescore(
         rows += [list(get_x_vector(a, b, coeff=coeff, act_name=act_name))] * len(evals)
     texts = [p for p, _ in evals] * (len(top) + 1)
     seeds = [seed + s for _, s in evals] * (len(top) + 1)
-    out = gen_using_activation_additions(
-        lm, rows, texts, tokens_to_generate=tokens, seeds=seeds, batch_size=32, **sampling
-    )
+    options = {"tokens_to_generate": tokens, "batch_size": 32, **sampling}
+    if ray is None:
+        out = gen_using_activation_additions(lm, rows, texts, seeds=seeds, **options)
+    else:
+        from actadd.sharding import map_slices
+
+        items = list(zip(rows, texts, seeds, strict=True))
+        out = pd.concat(
+            map_slices(
+                lm,
+                _generate_rows,
+                items,
+                ray=ray,
+                workers=workers,
+                chunk_size=chunk_size,
+                task="re-scoring pairs",
+                **options,
+            ),
+            ignore_index=True,
+        )
     scores = torch.tensor([metric(c) for c in out.completions]).view(len(top) + 1, len(evals))
     df = df.copy()
     df["gen_score"] = float("nan")

@@ -17,6 +17,10 @@ noise. ``reduce_sweep_results`` reports these paired differences too.
 
 Interrupting (Ctrl-C / ``KeyboardInterrupt``) stops after the batch under way and returns the
 rows finished so far, scored; ``df.attrs["interrupted"]`` is then True.
+
+On a Ray cluster (``ray="local"``, ``"auto"``, ``"ray://host:port"``), the rows are cut into
+chunks run by workers that each hold a model replica, and finished chunks can be kept in a
+``store`` directory so that a rerun resumes (``actadd.sweep_chunks``); the rows are the same.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -37,11 +41,15 @@ from actadd import progress as reporting
 from actadd.additions import ActivationAddition
 from actadd.errors import ActAddError
 from actadd.generation import gen_using_activation_additions
+from actadd.loading import ModelSpec
 from actadd.metrics import Metric, add_metric_cols
 from actadd.model import LM, as_lm
 from actadd.prompts import encode_prompts
 from actadd.sites import canonical_act_name
 from actadd.steering import Injection, Steerable
+
+if TYPE_CHECKING:
+    from actadd.executor import RayExecutor
 
 __all__ = [
     "SlicedAddition",
@@ -260,7 +268,7 @@ def free_memory(device: torch.device, *, fraction: float | None = None) -> int:
 
 
 def sweep_over_prompts(
-    model: LM,
+    model: LM | ModelSpec,
     prompts: str | Iterable[str],
     activation_additions: pd.DataFrame | Iterable[Sequence[Any]],
     num_normal_completions: int = 100,
@@ -278,11 +286,16 @@ def sweep_over_prompts(
     batch_size: int | None = None,
     progress: bool = True,
     chat: bool = False,
+    ray: str | RayExecutor | None = None,
+    workers: int | None = None,
+    store: str | os.PathLike[str] | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Unsteered and steered completions of every prompt under every configuration, scored.
 
     Args:
-        model: the ``LM``.
+        model: the ``LM``; with ``ray=``, an ``LM`` from ``load_model`` or a ``ModelSpec``
+            (then this process never loads the weights: only the workers do).
         prompts: one prompt or several.
         activation_additions: the frame from ``make_activation_additions`` (its other columns
             are copied onto each row), or an iterable of addition lists.
@@ -300,6 +313,15 @@ def sweep_over_prompts(
         progress: show a rich progress bar (on stderr).
         chat: each prompt is a user message in the model's chat template; additions land on
             its text (see ``gen_using_activation_additions``).
+        ray: run on a Ray cluster: ``"local"`` (start one here), ``"auto"`` (join the one
+            this machine belongs to), ``"ray://host:10001"`` or ``"host:6379"``; each worker
+            loads the model (``pip install 'actadd[ray]'``). A running
+            ``actadd.executor.RayExecutor`` is used as it is (no model reload).
+        workers: Ray workers (model replicas); default one per GPU, else one per node.
+        store: keep finished chunks here as Parquet (one file per chunk, named by a hash of
+            what it depends on); rerunning the same sweep reads them back and runs only the
+            missing ones. Works with or without ``ray``.
+        chunk_size: rows per chunk with ``ray``/``store`` (default ``batch_size``, else 32).
 
     Returns:
         ``(normal_df, patched_df)``, one row per completion: ``prompts``, ``completions``,
@@ -307,6 +329,8 @@ def sweep_over_prompts(
         ``seed``, ``completion_index``, the metrics, and in ``patched_df``
         ``activation_addition_index`` plus the configuration's columns. After a
         ``KeyboardInterrupt`` both hold the finished rows and ``attrs["interrupted"]`` is True.
+        Chunked runs also set ``attrs["chunks"]``: ``{"total", "resumed", "ran", "retried",
+        "seconds", "overhead_s"}``.
 
     Example:
         >>> adds = make_activation_additions([[(" weddings", 1), (" ", -1)]], [4, 6], [2, 4])
@@ -315,7 +339,13 @@ def sweep_over_prompts(
         ...     metrics_dict={"wedding": get_word_count_metric()},
         ...     temperature=1, freq_penalty=1, top_p=0.3)  # doctest: +SKIP
     """
-    model = as_lm(model)
+    chunked = ray is not None or store is not None
+    if workers is not None and ray is None:
+        raise ActAddError("workers= is the number of Ray workers: give ray= too")
+    if not chunked:
+        model = model.load() if isinstance(model, ModelSpec) else as_lm(model)
+    elif not isinstance(model, ModelSpec):
+        model = as_lm(model)
     prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
     if isinstance(activation_additions, pd.DataFrame):
         if "activation_additions" not in activation_additions.columns:
@@ -345,16 +375,43 @@ def sweep_over_prompts(
         for c in range(len(add_lists))
         for i in range(num_patched_completions)
     ]
+    if batch_size is not None and batch_size < 1:
+        raise ActAddError(f"batch_size must be >= 1, got {batch_size}")
+    bars = display.progress_bars() if progress and not reporting.active() else nullcontext()
+    if chunked:
+        settings = {
+            "tokens_to_generate": tokens_to_generate,
+            "temperature": temperature,
+            "top_p": top_p,
+            "top_k": top_k,
+            "freq_penalty": freq_penalty,
+            "addition_location": addition_location,
+            "res_stream_slice": res_stream_slice,
+            "chat": chat,
+        }
+        with bars:
+            rows, interrupted, stats = _run_chunked(
+                model,
+                jobs,
+                add_lists,
+                prompt_list,
+                base,
+                settings,
+                ray,
+                workers,
+                store,
+                chunk_size or batch_size or 32,
+                batch_size,
+            )
+        return _finish(rows, extra, metrics_dict, interrupted, stats)
+    assert isinstance(model, LM)
     if batch_size is None:
         longest = max(len(e.ids) for e in encode_prompts(model, prompt_list, chat=chat))
         batch_size = auto_batch_size(model, longest, tokens_to_generate)
         log.info("sweep: %d rows in batches of %d", len(jobs), batch_size)
-    if batch_size < 1:
-        raise ActAddError(f"batch_size must be >= 1, got {batch_size}")
 
     frames: list[pd.DataFrame] = []
     interrupted = False
-    bars = display.progress_bars() if progress and not reporting.active() else nullcontext()
     with bars:
         try:
             for lo in range(0, len(jobs), batch_size):
@@ -393,6 +450,71 @@ def sweep_over_prompts(
         "activation_addition_index",
     ]
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    return _finish(rows, extra, metrics_dict, interrupted, None)
+
+
+def _run_chunked(
+    model: LM | ModelSpec,
+    jobs: list[tuple[int, int, int]],
+    add_lists: list[list[Any]],
+    prompts: list[str],
+    base: int,
+    settings: dict[str, Any],
+    ray: str | RayExecutor | None,
+    workers: int | None,
+    store: str | os.PathLike[str] | None,
+    chunk_size: int,
+    batch_size: int | None,
+) -> tuple[pd.DataFrame, bool, dict[str, Any]]:
+    """The rows of a sweep from chunks: on Ray, or in this process with a store."""
+    from actadd.executor import executor
+    from actadd.sweep_chunks import run_sweep_chunks
+
+    with executor(model, ray, workers) as ex:
+        run = run_sweep_chunks(
+            ex,
+            jobs,
+            add_lists,
+            prompts,
+            base,
+            settings,
+            store=store,
+            chunk_size=chunk_size,
+            batch_size=batch_size,
+        )
+        where = ex.describe()
+    stats = {
+        "total": run.chunks,
+        "resumed": run.resumed,
+        "ran": run.ran,
+        "retried": run.map.retried,
+        "worker_losses": run.map.worker_losses,
+        "seconds": run.map.seconds,
+        "overhead_s": run.map.overhead_s,
+        "compute_s": run.map.compute_s,
+        "round_trip_s": run.map.round_trip_s,
+        "by_worker": run.map.by_worker,
+        "where": where,
+    }
+    log.info(
+        "sweep: %d chunks, %d resumed, %d run (%d retried) %s",
+        run.chunks,
+        run.resumed,
+        run.ran,
+        run.map.retried,
+        where,
+    )
+    return run.rows, run.interrupted, stats
+
+
+def _finish(
+    rows: pd.DataFrame,
+    extra: pd.DataFrame,
+    metrics_dict: dict[str, Metric] | None,
+    interrupted: bool,
+    chunks: dict[str, Any] | None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split the rows into unsteered and steered frames, join the configurations, score."""
     rows["is_modified"] = rows["activation_addition_index"] >= 0
     normal = rows[rows.activation_addition_index < 0].drop(columns="activation_addition_index")
     patched = rows[rows.activation_addition_index >= 0]
@@ -404,6 +526,8 @@ def sweep_over_prompts(
     for df in (normal, patched):
         df.attrs["interrupted"] = interrupted
         df.attrs["config_columns"] = list(extra.columns)
+        if chunks is not None:
+            df.attrs["chunks"] = chunks
     return normal, patched
 
 

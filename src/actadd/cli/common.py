@@ -41,6 +41,19 @@ ChatOpt = Annotated[
         help="the prompt is a user message in the model's chat template; steering lands on it",
     ),
 ]
+RayOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        help="run on Ray: local (start one here), auto (join this machine's cluster), "
+        "ray://HOST:10001 or HOST:6379; each worker loads the model",
+        show_default=False,
+    ),
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option(help="Ray workers (model replicas) \\[default: one per GPU, else per node]"),
+]
 LocationOpt = Annotated[
     str | None,
     typer.Option(help="front, mid, back or all \\[default: front for prompts, all for vectors]"),
@@ -100,6 +113,23 @@ def progress() -> Iterator[None]:
 
     with progress_bars(err_console):
         yield
+
+
+def check_ray(address: str | None, workers: int | None) -> str | None:
+    """``--ray``/``--workers`` checked, and Ray importable, before any model loads."""
+    from actadd.errors import ActAddError
+
+    if address is None:
+        if workers is not None:
+            raise ActAddError("--workers sets the number of Ray workers: give --ray too")
+        return None
+    from actadd.executor import check_address, require_ray
+
+    address = check_address(address)
+    require_ray("--ray")
+    if workers is not None and workers < 1:
+        raise ActAddError(f"--workers must be >= 1, got {workers}")
+    return address
 
 
 def load(model: str | None, dtype: str | None = None) -> actadd.LM:
