@@ -28,7 +28,7 @@ def test_load_model_errors(tmp_path):
         actadd.load_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(actadd.ModelLoadError, match="model directory not found"):
         actadd.load_model(str(tmp_path / "not-a-model"))
-    with pytest.raises(actadd.ModelLoadError, match="model directory not found: .*my_model"):
+    with pytest.raises(actadd.ModelLoadError, match=r"model directory not found: .*my_model"):
         actadd.load_model("./my_model")  # not a hub id: no hub error, no GGUF hint
     (tmp_path / "empty").mkdir()
     with pytest.raises(actadd.ModelLoadError, match=r"(?s)could not load.*needs a config.json"):
