@@ -35,7 +35,10 @@ _EXPORTS = {
     "SiteError": "errors",
     "SiteMap": "sites",
     "SlicedAddition": "sweeps",
+    "Source": "sources",
     "SteeringVector": "vectors",
+    "TuneResult": "tune_result",
+    "TuneSettings": "tune_result",
     "VectorFileError": "errors",
     "capture": "hooks",
     "compare": "generation",
@@ -58,6 +61,7 @@ _EXPORTS = {
     "steer": "steering",
     "steering_magnitudes_relative_to_prompt": "diagnostics",
     "sweep_over_prompts": "sweeps",
+    "tune": "tuning",
 }
 # research toolkit modules, as attributes: actadd.metrics.word_count, actadd.plots, ...
 _MODULES = ("metrics", "plots", "sweeps")
@@ -101,6 +105,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from actadd.optimize import OptimizeResult, optimize_vector
     from actadd.search import search_pairs
     from actadd.sites import Site, SiteMap, get_act_name
+    from actadd.sources import Source
     from actadd.steering import Injection, steer
     from actadd.sweeps import (
         SlicedAddition,
@@ -108,4 +113,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         reduce_sweep_results,
         sweep_over_prompts,
     )
+    from actadd.tune_result import TuneResult, TuneSettings
+    from actadd.tuning import tune
     from actadd.vectors import SteeringVector
