@@ -48,6 +48,7 @@ _EXPORTS = {
     "get_x_vector": "additions",
     "hooked": "hooks",
     "list_datasets": "datasets",
+    "load_suite": "evaluation",
     "load_model": "loading",
     "load_pairs": "datasets",
     "make_activation_additions": "sweeps",
@@ -57,6 +58,7 @@ _EXPORTS = {
     "pca": "contrast",
     "print_n_comparisons": "generation",
     "reduce_sweep_results": "sweeps",
+    "run_suite": "evaluation",
     "search_pairs": "search",
     "steer": "steering",
     "steering_magnitudes_relative_to_prompt": "diagnostics",
@@ -98,6 +100,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         SiteError,
         VectorFileError,
     )
+    from actadd.evaluation import load_suite, run_suite
     from actadd.generation import compare, gen_using_activation_additions, print_n_comparisons
     from actadd.hooks import capture, hooked
     from actadd.loading import load_model

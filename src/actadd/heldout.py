@@ -215,7 +215,7 @@ def summarize_arms(
     rows: pd.DataFrame,
     arms: Sequence[Arm],
     *,
-    versus: str | None = None,
+    contrasts: Sequence[tuple[str, str]] = (),
     direction: str = "maximize",
     seed: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -224,8 +224,8 @@ def summarize_arms(
     Args:
         rows: from ``score_arms``.
         arms: the arms scored (for their kinds and info).
-        versus: contrast this arm with every other (e.g. the tuned choice against the random
-            control and the prompting baseline); None for no contrasts.
+        contrasts: ``(a, b)`` pairs of arm names: ``a − b``, paired by prompt and seed (e.g.
+            the tuned choice against the random control and the prompting baseline).
         direction: ``maximize`` (the behaviour should go up) or ``minimize``; an input moving
             the other way is *anti-steerable*.
         seed: of the bootstrap.
@@ -234,9 +234,9 @@ def summarize_arms(
         ``(summary, contrasts, per_prompt)``. ``summary``: one row per arm (and unsteered) with
         ``value`` (mean metric), ``delta`` (mean paired effect), ``ci_low``/``ci_high`` (95%),
         ``loss`` (mean completion loss), ``anti_steerable`` (fraction of prompts whose mean
-        effect goes the wrong way), ``n_prompts``, ``n``. ``contrasts``: ``versus`` − arm,
-        paired by prompt and seed, with CIs and ``beats`` (the interval excludes 0 in the
-        right direction). ``per_prompt``: ``arm``, ``prompts``, ``effect``, ``n``.
+        effect goes the wrong way), ``n_prompts``, ``n``. ``contrasts``: one row per pair, the
+        paired difference with its CI and ``beats`` (the interval excludes 0 in the right
+        direction). ``per_prompt``: ``arm``, ``prompts``, ``effect``, ``n``.
     """
     sign = 1.0 if direction == "maximize" else -1.0
     if direction not in ("maximize", "minimize"):
@@ -281,25 +281,26 @@ def summarize_arms(
             per_prompt.append(
                 {"arm": a.name, "prompts": prompt, "effect": float(r["mean"]), "n": int(r["size"])}
             )
-    contrasts = []
-    if versus is not None:
-        for k, a in enumerate(arms):
-            if a.name == versus:
-                continue
-            d = _paired(rows, versus, a.name)
-            pm = d.groupby("prompts", sort=False)["diff"].mean().to_numpy()
-            lo, hi = bootstrap_ci(pm, seed=seed + 100 + k)
-            contrasts.append(
-                {
-                    "contrast": f"{versus} − {a.name}",
-                    "against": a.name,
-                    "kind": a.kind,
-                    "diff": float(d["diff"].mean()),
-                    "ci_low": lo,
-                    "ci_high": hi,
-                    "beats": bool(lo > 0) if sign > 0 else bool(hi < 0),
-                    "n_prompts": len(pm),
-                    "n": len(d),
-                }
-            )
-    return pd.DataFrame(records), pd.DataFrame(contrasts), pd.DataFrame(per_prompt)
+    kinds = {arm.name: arm.kind for arm in arms}
+    out = []
+    for k, (first, second) in enumerate(contrasts):
+        if first not in kinds or second not in kinds:
+            raise ActAddError(f"contrast {first!r} − {second!r}: no such arm; have {sorted(kinds)}")
+        d = _paired(rows, first, second)
+        pm = d.groupby("prompts", sort=False)["diff"].mean().to_numpy()
+        lo, hi = bootstrap_ci(pm, seed=seed + 100 + k)
+        out.append(
+            {
+                "contrast": f"{first} − {second}",
+                "arm": first,
+                "against": second,
+                "kind": kinds[second],
+                "diff": float(d["diff"].mean()),
+                "ci_low": lo,
+                "ci_high": hi,
+                "beats": bool(lo > 0) if sign > 0 else bool(hi < 0),
+                "n_prompts": len(pm),
+                "n": len(d),
+            }
+        )
+    return pd.DataFrame(records), pd.DataFrame(out), pd.DataFrame(per_prompt)

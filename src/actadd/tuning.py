@@ -617,7 +617,11 @@ def tune(
         batch_size=settings.batch_size,
     )
     heldout, contrasts, per_prompt = summarize_arms(
-        rows, arms, versus="chosen", direction=settings.direction, seed=settings.seed
+        rows,
+        arms,
+        contrasts=[("chosen", a.name) for a in arms if a.name != "chosen"],
+        direction=settings.direction,
+        seed=settings.seed,
     )
     vector = prepared[c.source].vector(
         c.layer,

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from actadd.cli import cache, compare, serve, sweep, tune, vector
+from actadd.cli import cache, compare, evaluate, serve, sweep, tune, vector
 
 app = typer.Typer(
     help="Steer language models by adding activation vectors (ActAdd).",
@@ -32,6 +32,7 @@ app.command()(compare.compare)
 app.command()(sweep.sweep)
 app.command()(serve.serve)
 app.command()(tune.tune)
+app.command("eval")(evaluate.eval_suite)
 app.add_typer(vector.app, name="vector")
 app.add_typer(cache.app, name="cache")
 
