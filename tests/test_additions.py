@@ -82,6 +82,25 @@ def test_sequence_start_policy():
     assert gpt_like.to_tokens("").tolist() == [[0]]  # BOS alone is a valid 1-token prompt
 
 
+def test_a_shared_start_token_for_models_without_one():
+    chat_like = build_tiny("llama", bos="<s>")
+    for token in ("<|endoftext|>", 0):  # by text or by id
+        eot = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=token)
+        assert eot.prepend_bos and eot.start_token_id == 0
+        assert eot.to_tokens("ab").tolist() == [[0, 13, 14]]
+        # prompts and additions get the same start, so an x-vector's position 0 cancels
+        love, hate = get_x_vector("a", "b", 1.0, 1)
+        diff = love.activations(eot)[0] - hate.activations(eot)[0]
+        assert float(diff.abs().max()) == 0.0
+    bos = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=True)
+    eot = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos="<|endoftext|>")
+    assert len({bos.fingerprint, eot.fingerprint, chat_like.fingerprint}) == 3
+    with pytest.raises(actadd.PromptError, match="2 tokens"):
+        actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos="ab")
+    with pytest.raises(actadd.PromptError, match="outside"):
+        actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=10_000)
+
+
 def test_to_single_token(llama):
     assert llama.to_single_token("a") == 13
     with pytest.raises(actadd.PromptError, match="not one"):
