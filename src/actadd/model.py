@@ -10,7 +10,15 @@ model:
 * the tokenizer adds a BOS by itself (Llama 3, Gemma, OPT, ...): keep it;
 * the BOS token is the end-of-text token (GPT-2, GPT-NeoX): prepend it, as TransformerLens
   and the original ``activation_additions`` library did ("<|endoftext|>" at position 0);
-* otherwise (e.g. SmolLM2, whose "BOS" is the chat token ``<|im_start|>``): no start token.
+* otherwise, if the vocabulary has an end-of-text token ``<|endoftext|>`` (SmolLM2, whose
+  "BOS" is the chat token ``<|im_start|>``; Qwen), prepend that: the document boundary the
+  model was trained on, shared by prompts and additions so an x-vector's position 0 cancels;
+* otherwise no start token.
+
+Why the third rule: on SmolLM2 the seed's experiments steer better with ``<|endoftext|>`` at
+position 0 than with nothing (the first real token is then an attention sink, and an
+addition's first token lands on it) or with ``<|im_start|>`` (docs/experiments.md, "The
+sequence-start policy").
 
 ``prepend_bos=True`` prepends the tokenizer's BOS, ``False`` nothing, and a token (its text,
 e.g. ``"<|endoftext|>"``, or its id) prepends that token: one shared start token on a model
@@ -122,7 +130,10 @@ class LM:
         tok = self.tokenizer
         bos = tok.bos_token_id
         if policy is None:
-            return bos if bos is not None and self._bos_is_a_start(bos) else None
+            if bos is not None and self._bos_is_a_start(bos):
+                return int(bos)
+            eot = tok.get_vocab().get("<|endoftext|>")
+            return None if eot is None else int(eot)
         if isinstance(policy, bool):
             if policy and bos is None:
                 raise PromptError(
@@ -264,10 +275,14 @@ class LM:
             h.update(f":start={self.start_token_id}".encode())  # a start token other than BOS
         return h.hexdigest()[:16]
 
+    def _start_text(self) -> str | None:
+        sid = self.start_token_id
+        return None if sid is None else str(self.tokenizer.convert_ids_to_tokens(sid))
+
     def __repr__(self) -> str:
         return (
             f"LM({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
-            f"prepend_bos={self.prepend_bos}, device={self.device})"
+            f"start_token={self._start_text()!r}, device={self.device})"
         )
 
 
