@@ -15,7 +15,9 @@ from actadd.cli.common import ModelOpt, console, fail, hint, load, progress
 def eval_suite(
     suite: Annotated[str, typer.Argument(help="a suite .yaml file, or a shipped one: quick")],
     out: Annotated[str, typer.Option(help="output directory")] = "eval-report",
-    dry_run: Annotated[bool, typer.Option(help="check the suite, run nothing")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="check the suite, run nothing")
+    ] = False,
     model: ModelOpt = None,
 ) -> None:
     """Score several behaviours × methods (ActAdd, mean-diff, PCA, optimised, prompting).

@@ -85,7 +85,9 @@ def tune(
         list[str] | None,
         typer.Option(help="prompting baseline prefix (repeatable) \\[default: the pair's ADD]"),
     ] = None,
-    no_instructions: Annotated[bool, typer.Option(help="no prompting baseline")] = False,
+    no_instructions: Annotated[
+        bool, typer.Option("--no-instructions", help="no prompting baseline")
+    ] = False,
     reference: Annotated[
         list[str] | None,
         typer.Option(help="also test LAYER:COEFF[:LOCATION] of the chosen source (repeatable)"),
@@ -100,7 +102,7 @@ def tune(
     ] = None,
     out: Annotated[str, typer.Option(help="output directory")] = "tune-results",
     dry_run: Annotated[
-        bool, typer.Option(help="check the options, print the plan, generate nothing")
+        bool, typer.Option("--dry-run", help="check the options, print the plan, generate nothing")
     ] = False,
     model: ModelOpt = None,
 ) -> None:
