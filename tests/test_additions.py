@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 import actadd
 from actadd import ActivationAddition, get_x_vector
-from conftest import build_tiny
+from conftest import VOCAB, build_tiny
 
 
 def test_int_act_name_means_resid_pre():
@@ -73,13 +75,46 @@ def test_x_vector_errors(llama):
 def test_sequence_start_policy():
     gpt_like = build_tiny("llama", bos="<|endoftext|>")  # BOS == EOS: prepend, like GPT-2
     assert gpt_like.prepend_bos and gpt_like.to_tokens("ab").tolist() == [[0, 13, 14]]
-    chat_like = build_tiny("llama", bos="<s>")  # a BOS the tokenizer does not add: none
-    assert not chat_like.prepend_bos and chat_like.to_tokens("ab").tolist() == [[13, 14]]
+    # a BOS the tokenizer does not add (SmolLM2's chat token): <|endoftext|> instead
+    chat_like = build_tiny("llama", bos="<s>")
+    assert chat_like.start_token_id == 0 and chat_like.to_tokens("ab").tolist() == [[0, 13, 14]]
     forced = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=True)
     assert forced.to_tokens("ab").tolist() == [[2, 13, 14]]
+    bare = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=False)
+    assert not bare.prepend_bos and bare.to_tokens("ab").tolist() == [[13, 14]]
     with pytest.raises(actadd.PromptError, match="empty"):
-        chat_like.to_tokens("")
+        bare.to_tokens("")
     assert gpt_like.to_tokens("").tolist() == [[0]]  # BOS alone is a valid 1-token prompt
+    # no real BOS and no end-of-text token in the vocabulary: nothing is prepended
+    vocab = {("</s>" if t == "<|endoftext|>" else t): i for t, i in VOCAB.items()}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    plain = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    assert actadd.LM(chat_like.model, plain).start_token_id is None
+
+
+def test_a_shared_start_token_for_models_without_one():
+    chat_like = build_tiny("llama", bos="<s>")
+    for token in ("<|endoftext|>", 0):  # by text or by id
+        eot = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=token)
+        assert eot.prepend_bos and eot.start_token_id == 0
+        assert eot.to_tokens("ab").tolist() == [[0, 13, 14]]
+        # prompts and additions get the same start, so an x-vector's position 0 cancels
+        love, hate = get_x_vector("a", "b", 1.0, 1)
+        diff = love.activations(eot)[0] - hate.activations(eot)[0]
+        assert float(diff.abs().max()) == 0.0
+    bos = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=True)
+    eot = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos="<|endoftext|>")
+    bare = actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=False)
+    # a vector made under one start token is refused by a model under another
+    assert len({bos.fingerprint, eot.fingerprint, bare.fingerprint}) == 3
+    assert chat_like.fingerprint == eot.fingerprint  # the default for this tokenizer
+    with pytest.raises(actadd.PromptError, match="2 tokens"):
+        actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos="ab")
+    with pytest.raises(actadd.PromptError, match="outside"):
+        actadd.LM(chat_like.model, chat_like.tokenizer, prepend_bos=10_000)
 
 
 def test_to_single_token(llama):

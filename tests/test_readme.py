@@ -5,6 +5,10 @@ loading it again); shell blocks and the ``$ actadd ...`` lines of transcripts ar
 (``actadd serve`` is started, probed by the blocks that call it, and stopped). Commands that
 install software or run this very suite (``pip install``, ``make``) are listed and not run: a
 new kind of command in the README makes the test fail until it is handled here.
+
+``actadd tune`` and ``actadd eval`` run for many minutes on the embedded model: their README
+lines are run with ``--dry-run`` (every option checked, the plan printed, nothing generated);
+tests/test_tune.py and tests/test_evaluation.py run them for real on tiny models.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ pytestmark = pytest.mark.slow
 
 README = Path(__file__).parent.parent / "README.md"
 NOT_RUN = ("make ", "pip install ")  # they install things or run this suite
+DRY_RUN = ("actadd tune", "actadd eval")  # minutes of generation: checked, not run
 SERVER = "http://127.0.0.1:8000"
 
 
@@ -81,7 +86,7 @@ def embedded(real_lm, monkeypatch):
 
     monkeypatch.setattr(actadd, "load_model", load_model)
     monkeypatch.setattr(actadd.cli.common, "load", lambda model, dtype=None: load_model(model))
-    for module in ("compare", "sweep", "vector", "serve"):
+    for module in ("compare", "sweep", "vector", "serve", "tune", "evaluate"):
         monkeypatch.setattr(
             f"actadd.cli.{module}.load", lambda model, dtype=None: load_model(model)
         )
@@ -91,7 +96,7 @@ def embedded(real_lm, monkeypatch):
 def run_cli(command: str) -> str:
     from actadd.cli import app
 
-    args = shlex.split(command)
+    args = shlex.split(command) + (["--dry-run"] if command.startswith(DRY_RUN) else [])
     assert args[0] == "actadd", command
     result = CliRunner().invoke(app, args[1:])
     assert result.exit_code == 0, f"{command}\n{result.output}\n{result.exception!r}"

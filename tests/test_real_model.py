@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 def test_embedded_model_facts(real_lm):
     assert (real_lm.n_layers, real_lm.d_model) == (30, 576)
     assert real_lm.model.config.model_type == "llama"
-    assert real_lm.prepend_bos is False  # its BOS is the chat token <|im_start|>
-    assert real_lm.to_tokens("Love").shape == (1, 1)
+    # its "BOS" is the chat token <|im_start|>: the default start token is <|endoftext|>
+    assert real_lm.tokenizer.convert_ids_to_tokens(real_lm.start_token_id) == "<|endoftext|>"
+    assert real_lm.to_tokens("Love").tolist() == [[real_lm.start_token_id, 19959]]
 
 
 def test_love_minus_hate_makes_completions_kinder(real_lm):
@@ -52,22 +53,27 @@ def test_real_model_batch_equals_solo_and_cache(real_lm):
 
 
 def test_sink_and_pad_outliers_are_reported(real_lm):
-    """With a BOS prepended, a space pad in the padded x-vector is a huge outlier (the issue's
-    observation); the diagnostic must say so. Without BOS the plain x-vector is clean."""
-    df = actadd.steering_magnitudes_relative_to_prompt(
-        real_lm, "I hate you because", actadd.get_x_vector("Love", "Hate", 5, 6), warn=False
-    )
+    """Position 0 is an attention sink under every policy. Without a start token an addition's
+    first token lands on it ("Love" alone: an outlier); with <|endoftext|> (the default) prompts
+    and additions share position 0, which an x-vector cancels; with the chat token
+    <|im_start|> a space pad is a huge outlier (the observation that first set the policy)."""
+    prompt, love_hate = "I hate you because", actadd.get_x_vector("Love", "Hate", 5, 6)
+    none = actadd.LM(real_lm.model, real_lm.tokenizer, prepend_bos=False)
+    assert none.model is real_lm.model  # wrapping never copies
+    df = actadd.steering_magnitudes_relative_to_prompt(none, prompt, love_hate, warn=False)
     assert df.prompt_norm[0] > 4 * df.prompt_norm[1:].median()  # the attention sink
     assert not df.outlier.any()  # Love and Hate cancel each other's sink
     with pytest.warns(OutlierWarning, match="position 0"):  # "Love" alone lands on the sink
         actadd.steering_magnitudes_relative_to_prompt(
-            real_lm, "I hate you because", [actadd.ActivationAddition(5, 6, prompt="Love")]
+            none, prompt, [actadd.ActivationAddition(5, 6, prompt="Love")]
         )
+    df = actadd.steering_magnitudes_relative_to_prompt(real_lm, prompt, love_hate, warn=False)
+    assert df.prompt_norm[0] > 4 * df.prompt_norm[1:].median()  # <|endoftext|> is the sink
+    assert df.addition_norm[0] == 0  # the shared start token cancels exactly
     with_bos = actadd.LM(real_lm.model, real_lm.tokenizer, prepend_bos=True)
-    assert with_bos.model is real_lm.model  # wrapping never copies
     space = with_bos.to_single_token(" ")
     adds = actadd.get_x_vector(
         "Love", "Hate", 5, 6, model=with_bos, pad_method="tokens_right", custom_pad_id=space
     )
     with pytest.warns(OutlierWarning):
-        actadd.steering_magnitudes_relative_to_prompt(with_bos, "I hate you because", adds)
+        actadd.steering_magnitudes_relative_to_prompt(with_bos, prompt, adds)

@@ -40,7 +40,10 @@ _EXPORTS = {
     "SiteError": "errors",
     "SiteMap": "sites",
     "SlicedAddition": "sweeps",
+    "Source": "sources",
     "SteeringVector": "vectors",
+    "TuneResult": "tune_result",
+    "TuneSettings": "tune_result",
     "VectorFileError": "errors",
     "capture": "hooks",
     "compare": "generation",
@@ -51,6 +54,7 @@ _EXPORTS = {
     "get_x_vector": "additions",
     "hooked": "hooks",
     "list_datasets": "datasets",
+    "load_suite": "evaluation",
     "load_model": "loading",
     "load_pairs": "datasets",
     "make_activation_additions": "sweeps",
@@ -60,10 +64,12 @@ _EXPORTS = {
     "pca": "contrast",
     "print_n_comparisons": "generation",
     "reduce_sweep_results": "sweeps",
+    "run_suite": "evaluation",
     "search_pairs": "search",
     "steer": "steering",
     "steering_magnitudes_relative_to_prompt": "diagnostics",
     "sweep_over_prompts": "sweeps",
+    "tune": "tuning",
 }
 # research toolkit modules, as attributes: actadd.metrics.word_count, actadd.plots, ...
 _MODULES = ("metrics", "plots", "sweeps")
@@ -107,6 +113,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         SiteError,
         VectorFileError,
     )
+    from actadd.evaluation import load_suite, run_suite
     from actadd.executor import RayExecutor
     from actadd.generation import compare, gen_using_activation_additions, print_n_comparisons
     from actadd.hooks import capture, hooked
@@ -115,6 +122,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from actadd.optimize import OptimizeResult, optimize_vector
     from actadd.search import search_pairs
     from actadd.sites import Site, SiteMap, get_act_name
+    from actadd.sources import Source
     from actadd.steering import Conditioned, Injection, steer
     from actadd.sweeps import (
         SlicedAddition,
@@ -122,4 +130,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         reduce_sweep_results,
         sweep_over_prompts,
     )
+    from actadd.tune_result import TuneResult, TuneSettings
+    from actadd.tuning import tune
     from actadd.vectors import SteeringVector

@@ -29,7 +29,9 @@ __all__ = [
     "ContrastPair",
     "as_dataset",
     "list_datasets",
+    "list_prompts",
     "load_pairs",
+    "load_prompts",
     "load_texts",
 ]
 
@@ -194,6 +196,42 @@ def load_texts(source: str | os.PathLike[str] = "neutral") -> list[str]:
     if not texts:
         raise ActAddError(f"{name}: no rows with a 'text' field")
     return texts
+
+
+def list_prompts() -> list[str]:
+    """Names of the prompt lists shipped with actadd (``load_prompts(name)``)."""
+    files = resources.files("actadd") / "data" / "prompts"
+    return sorted(f.name[: -len(".txt")] for f in files.iterdir() if f.name.endswith(".txt"))
+
+
+def load_prompts(source: str | os.PathLike[str]) -> list[str]:
+    """Prompts to steer: a shipped list (``sentiment``: 24 sentence openings, ``weddings``:
+    16), a ``.txt`` file (one per line) or a ``.jsonl``/``.json``/``.csv`` file with a
+    ``prompt`` or ``text`` field.
+
+    Example:
+        >>> len(load_prompts("sentiment"))
+        24
+    """
+    name = str(source)
+    shipped = resources.files("actadd") / "data" / "prompts" / f"{name}.txt"
+    if "/" not in name and not name.endswith(".txt") and shipped.is_file():
+        text = shipped.read_text(encoding="utf-8")
+        return [ln for ln in text.splitlines() if ln.strip()]
+    path = Path(source)
+    if not path.is_file():
+        raise ActAddError(
+            f"no prompts {name!r}: give a .txt file (one prompt per line), a .jsonl/.json/.csv "
+            f"file with a 'prompt' field, or a shipped list ({', '.join(list_prompts())})"
+        )
+    if path.suffix.lower() == ".txt":
+        return [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    _, rows = _rows(path)
+    out = [str(r.get("prompt") or r.get("text") or "") for r in rows if isinstance(r, dict)]
+    out = [p for p in out if p.strip()]
+    if not out:
+        raise ActAddError(f"{path}: no rows with a 'prompt' or 'text' field")
+    return out
 
 
 def as_dataset(

@@ -258,7 +258,7 @@ def load_model(
     device_map: str | Mapping[str, Any] | None = None,
     max_memory: Mapping[Any, Any] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
-    prepend_bos: bool | None = None,
+    prepend_bos: bool | str | int | None = None,
     cache: bool = True,
 ) -> LM:
     """Load a causal LM: ``None`` is the embedded SmolLM2-135M-Instruct (offline).

@@ -3,13 +3,26 @@
 (Loading a model by name is ``actadd.loading.load_model``.)
 
 Sequence-start policy (``prepend_bos``): prompts *and* additions are tokenized the same way,
-without the tokenizer's own special tokens, and with the BOS token prepended when
-``lm.prepend_bos`` is true. ``prepend_bos=None`` (the default) decides once per model:
+without the tokenizer's own special tokens, and with one start token (``lm.start_token_id``)
+prepended when ``lm.prepend_bos`` is true. ``prepend_bos=None`` (the default) decides once per
+model:
 
 * the tokenizer adds a BOS by itself (Llama 3, Gemma, OPT, ...): keep it;
 * the BOS token is the end-of-text token (GPT-2, GPT-NeoX): prepend it, as TransformerLens
   and the original ``activation_additions`` library did ("<|endoftext|>" at position 0);
-* otherwise (e.g. SmolLM2, whose "BOS" is the chat token ``<|im_start|>``): no BOS.
+* otherwise, if the vocabulary has an end-of-text token ``<|endoftext|>`` (SmolLM2, whose
+  "BOS" is the chat token ``<|im_start|>``; Qwen), prepend that: the document boundary the
+  model was trained on, shared by prompts and additions so an x-vector's position 0 cancels;
+* otherwise no start token.
+
+Why the third rule: on SmolLM2 the seed's experiments steer better with ``<|endoftext|>`` at
+position 0 than with nothing (the first real token is then an attention sink, and an
+addition's first token lands on it) or with ``<|im_start|>`` (docs/experiments.md, "The
+sequence-start policy").
+
+``prepend_bos=True`` prepends the tokenizer's BOS, ``False`` nothing, and a token (its text,
+e.g. ``"<|endoftext|>"``, or its id) prepends that token: one shared start token on a model
+whose tokenizer has no real one.
 """
 
 from __future__ import annotations
@@ -52,7 +65,8 @@ class LM:
     Args:
         model: a transformers ``*ForCausalLM`` (any architecture).
         tokenizer: its tokenizer.
-        prepend_bos: the sequence-start policy (see the module docstring); None decides.
+        prepend_bos: the sequence-start policy (see the module docstring): None decides,
+            True prepends the tokenizer's BOS, False nothing, a token text or id that token.
         layers: override the discovered site map, as a dotted path to the decoder-layer
             ``ModuleList`` (e.g. ``"model.layers"``) or a full ``SiteMap``.
         name: a label used in reports and vector files.
@@ -73,7 +87,7 @@ class LM:
         model: PreTrainedModel,
         tokenizer: Any,
         *,
-        prepend_bos: bool | None = None,
+        prepend_bos: bool | str | int | None = None,
         layers: str | SiteMap | None = None,
         name: str | None = None,
     ) -> None:
@@ -114,27 +128,55 @@ class LM:
             getattr(config, "hidden_size", None) or getattr(config, "n_embd", None) or 0
         ) or int(embed_shape[1])  # type: ignore[index]
         self.vocab_size = int(embed_shape[0])  # type: ignore[index]
-        self.prepend_bos = self._decide_bos() if prepend_bos is None else bool(prepend_bos)
-        if self.prepend_bos and tokenizer.bos_token_id is None:
-            raise PromptError("prepend_bos=True but this tokenizer has no BOS token")
+        #: the token prepended to every prompt and addition (None: nothing)
+        self.start_token_id: int | None = self._start_token(prepend_bos)
+        self.prepend_bos = self.start_token_id is not None
 
     # -- tokenization -------------------------------------------------------------------------
-    def _decide_bos(self) -> bool:
+    def _start_token(self, policy: bool | str | int | None) -> int | None:
+        """The start token's id under ``policy`` (see the module docstring), or None."""
         tok = self.tokenizer
         bos = tok.bos_token_id
-        if bos is None:
-            return False
+        if policy is None:
+            if bos is not None and self._bos_is_a_start(bos):
+                return int(bos)
+            eot = tok.get_vocab().get("<|endoftext|>")
+            return None if eot is None else int(eot)
+        if isinstance(policy, bool):
+            if policy and bos is None:
+                raise PromptError(
+                    "prepend_bos=True but this tokenizer has no BOS token: pass the token to "
+                    "prepend instead, e.g. prepend_bos='<|endoftext|>'"
+                )
+            return int(bos) if policy else None
+        if isinstance(policy, int):
+            self.check_token_ids([policy])
+            return int(policy)
+        if isinstance(policy, str):
+            ids = tok(policy, add_special_tokens=False).input_ids
+            if len(ids) != 1:
+                raise PromptError(
+                    f"prepend_bos={policy!r} is {len(ids)} tokens for this tokenizer; give one "
+                    "token, e.g. its end-of-text token"
+                )
+            return int(ids[0])
+        raise PromptError(
+            f"prepend_bos must be None, True, False, a token or a token id, got {policy!r}"
+        )
+
+    def _bos_is_a_start(self, bos: int) -> bool:
+        tok = self.tokenizer
         if tok("a", add_special_tokens=True).input_ids[:1] == [bos]:
-            return True
-        return tok.bos_token == tok.eos_token
+            return True  # the tokenizer adds it itself
+        return bool(tok.bos_token == tok.eos_token)  # GPT-2's <|endoftext|>
 
     def token_ids(self, text: str, *, allow_empty: bool = False) -> list[int]:
         """Token ids of ``text`` under the sequence-start policy, as a list."""
         if not isinstance(text, str):
             raise PromptError(f"expected a string prompt, got {type(text).__name__}")
         ids: list[int] = self.tokenizer(text, add_special_tokens=False).input_ids
-        if self.prepend_bos:
-            ids = [int(self.tokenizer.bos_token_id), *ids]
+        if self.start_token_id is not None:
+            ids = [self.start_token_id, *ids]
         if not ids and not allow_empty:
             raise PromptError(
                 "empty prompt: give at least one token of text (or use prepend_bos=True)"
@@ -248,12 +290,18 @@ class LM:
         vocab = sorted(self.tokenizer.get_vocab().items(), key=lambda kv: kv[1])
         h = hashlib.sha256(repr(vocab).encode())
         h.update(f"{self.n_layers}:{self.d_model}:{self.prepend_bos}".encode())
+        if self.start_token_id is not None and self.start_token_id != self.tokenizer.bos_token_id:
+            h.update(f":start={self.start_token_id}".encode())  # a start token other than BOS
         return h.hexdigest()[:16]
+
+    def _start_text(self) -> str | None:
+        sid = self.start_token_id
+        return None if sid is None else str(self.tokenizer.convert_ids_to_tokens(sid))
 
     def __repr__(self) -> str:
         return (
             f"LM({self.name!r}, n_layers={self.n_layers}, d_model={self.d_model}, "
-            f"prepend_bos={self.prepend_bos}, device={self.device})"
+            f"start_token={self._start_text()!r}, device={self.device})"
         )
 
 

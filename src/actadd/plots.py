@@ -10,7 +10,11 @@ writes either: ``.html`` for plotly (plotly.js inlined, so the file opens withou
 * ``heatmap``: layer × coefficient;
 * ``magnitude_bars``: per-position norms of the additions relative to the prompt's residual
   stream (``steering_magnitudes_relative_to_prompt``);
-* ``perplexity_ratio_plot``: steered / unsteered perplexity, one panel per corpus, 1.0 marked.
+* ``perplexity_ratio_plot``: steered / unsteered perplexity, one panel per corpus, 1.0 marked;
+* ``pareto_plot`` (matplotlib): effect against fluency cost of every configuration a tuner
+  measured, its Pareto front, the budget and the choice;
+* ``effects_plot`` (matplotlib): the effect on each prompt, per arm, with the mean and its
+  confidence interval (steerability per input).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from actadd.errors import ActAddError, require
 
 __all__ = [
     "axis_label",
+    "effects_plot",
     "heatmap",
     "line_plot",
     "magnitude_bars",
+    "pareto_plot",
     "perplexity_ratio_plot",
     "plot_sweep_results",
     "save_figure",
@@ -428,6 +434,192 @@ def perplexity_ratio_plot(
         log_y=log_y,
         backend=backend,
     )
+
+
+def pareto_plot(
+    trials: pd.DataFrame,
+    *,
+    budget: float | None = None,
+    fluency_label: str = "fluency cost",
+    effect_label: str = "effect (paired Δ)",
+    chosen: dict[str, Any] | None = None,
+    direction: str = "maximize",
+    title: str | None = None,
+    backend: str = "matplotlib",
+) -> Any:
+    """Effect (``delta``) against fluency cost (``fluency``) of every configuration measured
+    (one row each, as ``TuneResult.trials``): filled markers for those measured with every
+    sample, hollow for those pruned early, the Pareto front among the former as a line, the
+    budget dashed, configurations over budget as ticks on the x axis (never generated), and
+    the chosen one starred.
+
+    Example:
+        >>> fig = pareto_plot(result.trials, budget=1.25, chosen=result.chosen)  # doctest: +SKIP
+    """
+    if backend != "matplotlib":
+        raise ActAddError("pareto_plot draws with matplotlib only: backend='matplotlib'")
+    _check(trials, ["fluency", "delta", "status", "layer", "coeff"], backend)
+    fig, (ax,) = _mpl_axes(1, width=9.0, height=4.8)
+    d = trials.copy()
+    measured = d[d.delta.notna()]
+    group = next(
+        (g for g in ("source", "location") if g in d.columns and measured[g].nunique() > 1), None
+    )
+    groups = [None] if group is None else list(pd.unique(measured[group]))
+    for gi, g in enumerate(groups):
+        part = measured if g is None else measured[measured[group] == g]
+        color = f"C{gi}"
+        done = part[part.status == "complete"]
+        early = part[part.status != "complete"]
+        name = "" if g is None else f"{g}: "
+        ax.scatter(
+            done.fluency, done.delta, s=36, color=color, label=f"{name}every sample", zorder=3
+        )
+        ax.scatter(
+            early.fluency,
+            early.delta,
+            s=28,
+            facecolors="none",
+            edgecolors=color,
+            alpha=0.7,
+            label=f"{name}pruned early (fewer samples)",
+            zorder=2,
+        )
+    front = _front(measured, direction)
+    if len(front):
+        ax.plot(
+            front.fluency, front.delta, "-", color="0.3", lw=1.2, label="Pareto front", zorder=1
+        )
+        for r in front.itertuples():
+            ax.annotate(
+                f"L{r.layer} ×{r.coeff:g}",
+                (r.fluency, r.delta),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+                color="0.25",
+            )
+    over = d[d.status == "over budget"]
+    if len(over):
+        ax.plot(
+            over.fluency,
+            [0.015] * len(over),
+            "|",
+            color="C3",
+            ms=12,
+            mew=1.5,
+            transform=ax.get_xaxis_transform(),
+            label="over budget (not generated)",
+            clip_on=False,
+        )
+    finite = d.fluency[np.isfinite(d.fluency)]
+    if budget is not None and len(finite) and budget <= 2 * finite.max():
+        ax.axvline(budget, ls="--", color="C3", lw=1, label=f"budget {budget:g}")
+    elif budget is not None:  # far right of every point: a line there would squash the plot
+        ax.plot([], [], ls="--", color="C3", lw=1, label=f"budget {budget:g} (off the scale)")
+    ax.axhline(0, color="0.6", lw=0.8)
+    if chosen is not None:
+        ax.scatter(
+            [chosen["fluency"]],
+            [chosen["delta"]],
+            marker="*",
+            s=260,
+            color="gold",
+            edgecolors="black",
+            zorder=4,
+            label=f"chosen: layer {chosen['layer']} "
+            f"×{float(chosen['coeff']):g} ({chosen['location']})",
+        )
+    xs = d.fluency[np.isfinite(d.fluency)]
+    if len(xs) and xs.min() > 0 and xs.max() / xs.min() > 3:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(_plain_ticks())
+        ax.xaxis.set_minor_formatter(_plain_ticks())
+        ax.tick_params(axis="x", which="minor", labelsize=7)
+    ax.set_xlabel(_wrap(fluency_label, 70))
+    ax.set_ylabel(_wrap(effect_label, 45))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    n_over = len(over)
+    ax.set_title(
+        _wrap(
+            title
+            or f"{len(measured)} configurations measured, {n_over} over budget "
+            "(Pareto front: best effect per fluency among the fully measured)",
+            80,
+        ),
+        fontsize=10,
+    )
+    return fig
+
+
+def _front(measured: pd.DataFrame, direction: str) -> pd.DataFrame:
+    from actadd.tune_result import pareto_front
+
+    return pareto_front(measured, direction=direction)
+
+
+def effects_plot(
+    per_prompt: pd.DataFrame,
+    summary: pd.DataFrame,
+    *,
+    effect_label: str = "effect per prompt (paired Δ)",
+    direction: str = "maximize",
+    title: str | None = None,
+    backend: str = "matplotlib",
+) -> Any:
+    """The effect on each prompt (dots), per arm (rows), with the arm's mean and 95% interval
+    (black), 0 dashed: how evenly steering works across inputs, and the share that moves the
+    wrong way (*anti-steerable*, in each row's label).
+
+    Args:
+        per_prompt: ``arm``, ``prompts``, ``effect`` (``actadd.heldout.summarize_arms``).
+        summary: ``arm``, ``delta``, ``ci_low``, ``ci_high``, ``anti_steerable``.
+
+    Example:
+        >>> fig = effects_plot(result.per_prompt, result.heldout)  # doctest: +SKIP
+    """
+    if backend != "matplotlib":
+        raise ActAddError("effects_plot draws with matplotlib only: backend='matplotlib'")
+    _check(per_prompt, ["arm", "effect"], backend)
+    arms = [a for a in summary.arm if a in set(per_prompt.arm)]
+    fig, (ax,) = _mpl_axes(1, width=9.0, height=1.6 + 0.55 * len(arms))
+    rng = np.random.default_rng(0)
+    labels = []
+    for k, arm in enumerate(arms):
+        y = len(arms) - 1 - k
+        e = per_prompt[per_prompt.arm == arm].effect.to_numpy(dtype=float)
+        ax.scatter(
+            e, y + rng.uniform(-0.18, 0.18, len(e)), s=16, alpha=0.6, color=f"C{k}", zorder=2
+        )
+        r = summary[summary.arm == arm].iloc[0]
+        ax.errorbar(
+            [r.delta],
+            [y],
+            xerr=[[r.delta - r.ci_low], [r.ci_high - r.delta]],
+            fmt="D",
+            color="black",
+            ms=5,
+            capsize=4,
+            zorder=3,
+        )
+        sign = 1.0 if direction == "maximize" else -1.0
+        wrong = int((sign * e < 0).sum())
+        labels.append((y, f"{_wrap(str(arm), 34)}\n{wrong}/{len(e)} prompts the wrong way"))
+    ax.axvline(0, ls="--", color="0.5", lw=1)
+    ax.set_yticks([y for y, _ in labels], [t for _, t in labels], fontsize=8)
+    ax.set_ylim(-0.6, len(arms) - 0.4)
+    ax.set_xlabel(_wrap(effect_label, 80))
+    ax.grid(alpha=0.3, axis="x")
+    side = "right of 0" if direction == "maximize" else "left of 0"
+    ax.set_title(
+        _wrap(
+            title or f"Effect per test prompt (dots), mean and 95% CI (black); asked for: {side}",
+            90,
+        ),
+        fontsize=10,
+    )
+    return fig
 
 
 def _wrap(text: str, width: int) -> str:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from actadd.cli import cache, compare, condition, serve, sweep, vector
+from actadd.cli import cache, compare, condition, evaluate, serve, sweep, tune, vector
 
 app = typer.Typer(
     help="Steer language models by adding activation vectors (ActAdd).",
@@ -31,6 +31,8 @@ def _root(
 app.command()(compare.compare)
 app.command()(sweep.sweep)
 app.command()(serve.serve)
+app.command()(tune.tune)
+app.command("eval")(evaluate.eval_suite)
 app.add_typer(vector.app, name="vector")
 app.add_typer(condition.app, name="condition")
 app.add_typer(cache.app, name="cache")
