@@ -227,7 +227,7 @@ class ModelSpec:
     device_map: str | dict[str, Any] | None = field(default=None, hash=False)
     max_memory: dict[Any, Any] | None = field(default=None, hash=False)
     offload_folder: str | None = None
-    prepend_bos: bool | None = None
+    prepend_bos: bool | str | int | None = None
     cache: bool = True
 
     def __post_init__(self) -> None:
