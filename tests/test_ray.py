@@ -19,7 +19,7 @@ import pytest
 from netns import FLAG, run_pytest_in_netns, unavailable_reason
 
 SUITE = Path(__file__).with_name("ray_cluster_suite.py")
-BUDGET_S = 300  # the suite took 90-100 s on the shared 2-core machine (load average ~4)
+BUDGET_S = 900  # 90-100 s on the shared 2-core machine at load ~4; 700 s at load ~5.5
 
 # Ray, small and quiet, for the cluster the suite starts: no usage reporting, no uv, no auth
 # token written to ~/.ray; a short private temp dir (AF_UNIX socket paths < 108 bytes)

@@ -86,7 +86,7 @@ def embedded(real_lm, monkeypatch):
 
     monkeypatch.setattr(actadd, "load_model", load_model)
     monkeypatch.setattr(actadd.cli.common, "load", lambda model, dtype=None: load_model(model))
-    for module in ("compare", "sweep", "vector", "serve", "tune", "evaluate"):
+    for module in ("compare", "sweep", "vector", "serve", "tune", "evaluate", "condition"):
         monkeypatch.setattr(
             f"actadd.cli.{module}.load", lambda model, dtype=None: load_model(model)
         )
