@@ -33,7 +33,6 @@ RUNS = [  # (model, policy, label)
     ("embedded", "<|endoftext|>", "SmolLM2, <|endoftext|> prepended"),
     ("embedded", "bos", "SmolLM2, <|im_start|> prepended"),
     ("gemma", "bos", "Gemma 3, <bos> prepended"),
-    ("gemma", "none", "Gemma 3, no start token"),
 ]
 
 
@@ -48,8 +47,9 @@ def run(model: str, policy: str, rerun: bool) -> dict[str, Any]:
         f"time_exp{k}_s" in json.loads(numbers.read_text()) for k in (1, 2, 3, 4)
     )
     if rerun or not done:
-        cmd = [sys.executable, str(ROOT / "experiments" / "run_all.py"), "--model", model,
-               "--prepend-bos", policy, "--only", "1,2,3,4", "--out", str(out)]  # fmt: skip
+        script = str(ROOT / "experiments" / "run_all.py")
+        cmd = [sys.executable, script, "--model", model, "--prepend-bos", policy]
+        cmd += ["--only", "1,2,3,4", "--out", str(out)]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return dict(json.loads(numbers.read_text()))
 
@@ -99,31 +99,61 @@ def _cell(grid: pd.DataFrame) -> str:
     return f"L{layer} ×{float(coeff):g}" if value > 0 else "—"
 
 
-def figure(summary: pd.DataFrame) -> None:
+def figure(summary: pd.DataFrame, raw: dict[str, dict[str, Any]]) -> None:
+    """One bar per run in each panel, its value written on it; the legend below the panels."""
     from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
 
-    panels = [
-        ("exp1 seed vector: best strict fraction", "topic, ' weddings' − ' '\n(best strict fraction)"),
-        ("exp1 phrase vector: best strict fraction", "topic, phrase vector\n(best strict fraction)"),
-        ("exp2 best Δ VADER", "sentiment, 'Love' − 'Hate'\n(best paired Δ VADER)"),
-        ("exp2 Δ VADER at L6 ×5", "sentiment at layer 6, ×5\n(paired Δ VADER)"),
-    ]  # fmt: skip
-    fig = Figure(figsize=(12, 4.4), layout="constrained")
-    axes = fig.subplots(1, len(panels), sharey=False)
-    colors = ["C0", "C1", "C2", "C3", "C4"]
-    for ax, (col, title) in zip(axes, panels, strict=True):
-        vals = summary[col].astype(float).to_numpy()
-        ax.bar(range(len(vals)), vals, color=colors[: len(vals)])
-        ax.set_xticks(range(len(vals)), [])
+    def front_mid_back(n: dict[str, Any], loc: str) -> float:
+        pos = {(r["case"], r["location"]): r["value"] for r in n["exp3_position"]}
+        return float(pos[("sentiment", loc)] - pos[("sentiment", "unsteered")])
+
+    def col(name: str) -> list[float]:
+        return list(summary[name].astype(float))
+
+    panels: list[tuple[str, list[float]]] = [
+        (
+            "1. topic: ' weddings' − ' ',\nbest fraction with a wedding word (strict)",
+            col("exp1 seed vector: best strict fraction"),
+        ),
+        (
+            "1. topic: phrase vector,\nbest fraction (strict)",
+            col("exp1 phrase vector: best strict fraction"),
+        ),
+        (
+            "2. sentiment: 'Love' − 'Hate',\nbest paired Δ VADER (18 cells)",
+            col("exp2 best Δ VADER"),
+        ),
+        ("2. sentiment at layer 6, ×5,\npaired Δ VADER", col("exp2 Δ VADER at L6 ×5")),
+        ("2. sentiment: cells of 18\nwith Δ VADER > 0.2", col("exp2 cells with Δ > 0.2")),
+        ("3. sentiment at the front / mid / back of the prompt\n(F, M, B), VADER − unsteered", []),
+    ]
+    fig = Figure(figsize=(13, 6.8), layout="constrained")
+    axes = fig.subplots(2, 3).ravel()
+    colors = [f"C{i}" for i in range(len(summary))]
+    for ax, (title, vals) in zip(axes, panels, strict=True):
+        if vals:
+            bars = ax.bar(range(len(vals)), vals, color=colors)
+            labels = [f"{v:.2f}" if v % 1 else f"{v:.0f}" for v in vals]
+            ax.bar_label(bars, labels=labels, fontsize=8)
+        else:  # front, mid, back side by side for each run
+            for i, k in enumerate(summary.index):
+                for j, (loc, alpha) in enumerate((("front", 1.0), ("mid", 0.6), ("back", 0.3))):
+                    v = front_mid_back(raw[k], loc)
+                    bar = ax.bar(i + (j - 1) * 0.28, v, 0.26, color=colors[i], alpha=alpha)
+                    ax.bar_label(bar, labels=[f"{loc[0].upper()}\n{v:+.2f}"], fontsize=7)
+        ax.set_xticks([])
         ax.set_title(title, fontsize=9)
         ax.axhline(0, color="0.5", lw=0.8)
         ax.grid(alpha=0.3, axis="y")
-    handles = [
-        __import__("matplotlib.patches", fromlist=["Patch"]).Patch(color=c, label=label)
-        for c, label in zip(colors, summary.index, strict=False)
-    ]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=8)
-    fig.suptitle("Sequence-start policy: the seed's experiments 1–2 on SmolLM2-135M and Gemma 3 270M")
+        ax.margins(y=0.22)
+    handles = [Patch(color=c, label=label) for c, label in zip(colors, summary.index, strict=True)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9)
+    fig.suptitle(
+        "Sequence-start policy: the seed's experiments on SmolLM2-135M and Gemma 3 270M "
+        "(8 completions per cell, 16 per position)",
+        fontsize=11,
+    )
     fig.savefig(IMG / "sink_policy.png", dpi=130)
 
 
@@ -131,14 +161,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rerun", action="store_true", help="rerun runs whose numbers exist")
     args = ap.parse_args()
-    rows = {}
+    rows, raw = {}, {}
     for model, policy, label in RUNS:
-        rows[label] = headline(run(model, policy, args.rerun))
+        raw[label] = run(model, policy, args.rerun)
+        rows[label] = headline(raw[label])
     summary = pd.DataFrame(rows).T
     OUT.mkdir(parents=True, exist_ok=True)
     summary.to_csv(OUT / "summary.csv")
     (RES / "sink_policy.json").write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-    figure(summary)
+    figure(summary, raw)
     with pd.option_context("display.max_colwidth", 40, "display.width", 200):
         print(summary.T.to_string())
 
