@@ -42,7 +42,7 @@ RESULTS = ROOT / "experiments" / "results"
 OUT = RESULTS / "tune-love-hate"
 COMMAND = (
     "actadd tune --add Love --sub Hate --prompts sentiment --metric sentiment "
-    "--layers 2,4,6,8,10,12,16 --coeffs 1,2,3,5,8,12 --budget 1.25 --samples 8 "
+    "--layers 2,4,6,8,12,16 --coeffs 0.25,0.5,1,2,5 --budget 1.25 --samples 8 "
     "--test-samples 8 --reference 6:5 --instruction Love --instruction 'Write lovingly:' "
     f"--seed 0 --out {OUT}"
 )
