@@ -43,14 +43,28 @@ console = Console(stderr=True)
 WORKLOADS = ("overhead", "sweep", "vectors")
 
 
-def result(library: str, workload: str, case: str, times: C.Timings, num: str, den: str, *,
-           kind: str, **extra: Any) -> dict[str, Any]:  # fmt: skip
+def result(
+    library: str,
+    workload: str,
+    case: str,
+    times: C.Timings,
+    num: str,
+    den: str,
+    *,
+    kind: str,
+    **extra: Any,
+) -> dict[str, Any]:
     return {
-        "library": library, "workload": workload, "case": case,
-        "ratio": C.ratio(times, num, den), "cpu_ratio": C.cpu_ratio(times, num, den),
-        "ratio_kind": kind, "seconds": {k: times[k] for k in (num, den)},
-        "cpu_seconds": {k: times.cpu[k] for k in (num, den)}, **extra,
-    }  # fmt: skip
+        "library": library,
+        "workload": workload,
+        "case": case,
+        "ratio": C.ratio(times, num, den),
+        "cpu_ratio": C.cpu_ratio(times, num, den),
+        "ratio_kind": kind,
+        "seconds": {k: times[k] for k in (num, den)},
+        "cpu_seconds": {k: times.cpu[k] for k in (num, den)},
+        **extra,
+    }
 
 
 class Anchors:
@@ -117,13 +131,22 @@ def bench_overhead(a: Anchors, reps: int, n_new: int) -> list[dict]:
         times = C.interleaved(variants, reps=reps)
         for name in list(variants)[1:]:
             lib, layers = name.split(", ")
-            rows.append(result(
-                lib, "overhead", f"{layers} (every position), batch {b}", times, "unsteered",
-                name, kind="tokens/s vs unsteered", batch=b, new_tokens=n_new,
-                key=f"overhead-{'1layer' if layers == '1 layer' else '4layers'}-b{b}",
-                tok_s=b * n_new / C.med(times[name]),
-                tok_s_unsteered=b * n_new / C.med(times["unsteered"]),
-            ))  # fmt: skip
+            rows.append(
+                result(
+                    lib,
+                    "overhead",
+                    f"{layers} (every position), batch {b}",
+                    times,
+                    "unsteered",
+                    name,
+                    kind="tokens/s vs unsteered",
+                    batch=b,
+                    new_tokens=n_new,
+                    key=f"overhead-{'1layer' if layers == '1 layer' else '4layers'}-b{b}",
+                    tok_s=b * n_new / C.med(times[name]),
+                    tok_s_unsteered=b * n_new / C.med(times["unsteered"]),
+                )
+            )
     return rows
 
 
@@ -232,10 +255,13 @@ def main() -> None:
         "versions": {k: version(k) for k in ("steering-vectors", "repeng", "transformers")},
         "note": "steering-vectors 0.12.2 declares transformers<5; installed with --no-deps next "
         "to the transformers actadd pins, so all three run on the same transformers",
-        "started": C.now(), "machine": C.machine(), "quick": q,
+        "started": C.now(),
+        "machine": C.machine(),
+        "quick": q,
         "reps": {w: args.reps or C.REPS[w] for w in WORKLOADS},
-        "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)", "results": [],
-    }  # fmt: skip
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)",
+        "results": [],
+    }
     t0 = time.perf_counter()
     with console.status("loading the embedded model"):
         a = Anchors()
@@ -256,8 +282,9 @@ def main() -> None:
     for col in ("library", "workload", "case", "ratio", "cpu-time ratio"):
         t.add_column(col, justify="right" if "ratio" in col else "left")
     for r in record["results"]:
-        t.add_row(r["library"], r["workload"], r["case"], f"{r['ratio']:.3f}",
-                  f"{r['cpu_ratio']:.3f}")  # fmt: skip
+        t.add_row(
+            r["library"], r["workload"], r["case"], f"{r['ratio']:.3f}", f"{r['cpu_ratio']:.3f}"
+        )
     (Console() if sys.stdout.isatty() else Console(width=150)).print(t)
     console.print(f"{record['seconds_total']:.0f} s in all; wrote {path}")
 

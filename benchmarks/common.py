@@ -62,8 +62,16 @@ def batch_prompts(n: int) -> list[str]:
 
 def contrast_pairs(n: int) -> list[tuple[str, str]]:
     """``n`` (positive, negative) prompt pairs of varied length for vector construction."""
-    subjects = ["you", "my neighbour", "this city", "the new film", "our team", "winter",
-                "my job", "the book you lent me"]  # fmt: skip
+    subjects = [
+        "you",
+        "my neighbour",
+        "this city",
+        "the new film",
+        "our team",
+        "winter",
+        "my job",
+        "the book you lent me",
+    ]
     pos = ["I love", "I really adore", "I am so grateful for", "Nothing makes me happier than"]
     neg = ["I hate", "I really despise", "I am so angry at", "Nothing makes me sadder than"]
     pairs = []
@@ -110,9 +118,17 @@ def left_pad(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 def greedy(model: Any, tok: Any, ids: torch.Tensor, mask: torch.Tensor, n: int) -> torch.Tensor:
     """Plain ``generate``: greedy, exactly ``n`` new tokens (EOS suppressed by min_new_tokens)."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                          max_new_tokens=n, min_new_tokens=n, pad_token_id=pad,
-                          top_p=None, top_k=None, temperature=None)  # fmt: skip
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=False,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        pad_token_id=pad,
+        top_p=None,
+        top_k=None,
+        temperature=None,
+    )
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -196,10 +212,19 @@ def _cpu_name() -> str:
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                             capture_output=True, text=True, check=True)  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent,
-                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=HERE,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"],
+            cwd=HERE.parent,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None

@@ -93,9 +93,16 @@ def main() -> None:
             start_s = ex.start_s
             t = time.perf_counter()
             remote = S.sweep_over_prompts(
-                lm, PROMPT, configs, args.n, args.n, args.tokens, ray=ex,
-                chunk_size=args.chunk_size, **run,
-            )  # fmt: skip
+                lm,
+                PROMPT,
+                configs,
+                args.n,
+                args.n,
+                args.tokens,
+                ray=ex,
+                chunk_size=args.chunk_size,
+                **run,
+            )
             ray_s = time.perf_counter() - t
     finally:
         ray.shutdown()
@@ -109,23 +116,38 @@ def main() -> None:
         float((a.loss - b.loss).abs().max()) for a, b in zip(remote, local, strict=True)
     )
     per_worker = {str(w): n for w, n in stats["by_worker"].items()}  # chunks each finished
-    print(json.dumps({
-        "rows": rows, "configurations": len(configs), "tokens": args.tokens,
-        "chunk_size": args.chunk_size, "chunks": stats["total"],
-        "local_s": local_s[threads], "local_rows_per_s": rows / local_s[threads],
-        "local_torch_threads": threads,
-        "local_1thread_s": local_s[1], "local_1thread_rows_per_s": rows / local_s[1],
-        "cluster_start_s": cluster_s, "workers_start_s": start_s, "worker_load_s": loads,
-        "ray_sweep_s": ray_s, "ray_map_s": stats["seconds"],
-        "ray_rows_per_s": rows / ray_s,
-        "rows_per_s_per_worker": rows / sum(stats["compute_s"]),
-        "chunk_compute_s": stats["compute_s"], "chunk_round_trip_s": stats["round_trip_s"],
-        "overhead_per_chunk_s": stats["overhead_s"],
-        "driver_outside_map_s": ray_s - stats["seconds"],
-        "chunks_per_worker": per_worker, "identical_rows": bool(same),
-        "identical_completions": bool(texts_same), "max_abs_loss_diff": loss_diff,
-        "frames_checked": [len(x) for x in remote],
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "rows": rows,
+                "configurations": len(configs),
+                "tokens": args.tokens,
+                "chunk_size": args.chunk_size,
+                "chunks": stats["total"],
+                "local_s": local_s[threads],
+                "local_rows_per_s": rows / local_s[threads],
+                "local_torch_threads": threads,
+                "local_1thread_s": local_s[1],
+                "local_1thread_rows_per_s": rows / local_s[1],
+                "cluster_start_s": cluster_s,
+                "workers_start_s": start_s,
+                "worker_load_s": loads,
+                "ray_sweep_s": ray_s,
+                "ray_map_s": stats["seconds"],
+                "ray_rows_per_s": rows / ray_s,
+                "rows_per_s_per_worker": rows / sum(stats["compute_s"]),
+                "chunk_compute_s": stats["compute_s"],
+                "chunk_round_trip_s": stats["round_trip_s"],
+                "overhead_per_chunk_s": stats["overhead_s"],
+                "driver_outside_map_s": ray_s - stats["seconds"],
+                "chunks_per_worker": per_worker,
+                "identical_rows": bool(same),
+                "identical_completions": bool(texts_same),
+                "max_abs_loss_diff": loss_diff,
+                "frames_checked": [len(x) for x in remote],
+            }
+        )
+    )
     if os.environ.get("RAY_SWEEP_STRICT") == "1":
         assert same, "the Ray sweep's rows differ from the local sweep's"
 

@@ -30,6 +30,9 @@ def newest(prefix: str) -> Path | None:
 
 
 def context(r: dict[str, Any]) -> str:
+    """What a ratio compares, in units (one renderer for run.py's table and this report)."""
+    if "context" in r:
+        return str(r["context"])
     if "tok_s" in r:
         return f"{r['tok_s']:.0f} vs {r['tok_s_unsteered']:.0f} tok/s"
     if "steered_mb" in r:
@@ -79,8 +82,14 @@ def render(run: dict[str, Any], anchors_run: dict[str, Any] | None) -> str:
         + (" **Quick mode: sizes too small to quote.**" if run.get("quick") else ""),
         "",
     ]
-    head = ["workload", "case", "ratio", "target", *(
-        f"{lib} {anchors_run['versions'][lib]}" for lib in libs), "context (actadd)"]  # fmt: skip
+    head = [
+        "workload",
+        "case",
+        "ratio",
+        "target",
+        *(f"{lib} {anchors_run['versions'][lib]}" for lib in libs),
+        "context (actadd)",
+    ]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in run["results"]:
         mark = "" if r.get("ok") is None else (" ✓" if r["ok"] else " ✗")

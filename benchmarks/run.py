@@ -35,16 +35,27 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as C
+from report import context
+from serving import bench_serving
 
 import actadd
 from actadd import gen_using_activation_additions, get_x_vector, steer
 
 console = Console(stderr=True)
-WORKLOADS = ("overhead", "sweep", "mixed", "vectors", "memory", "ray")
+WORKLOADS = ("overhead", "sweep", "mixed", "vectors", "memory", "ray", "serving")
 
 
-def result(workload: str, case: str, times: C.Timings, num: str, den: str, *, kind: str,
-           target: str | None, **extra: Any) -> dict[str, Any]:  # fmt: skip
+def result(
+    workload: str,
+    case: str,
+    times: C.Timings,
+    num: str,
+    den: str,
+    *,
+    kind: str,
+    target: str | None,
+    **extra: Any,
+) -> dict[str, Any]:
     """One row: the median per-round ratio ``num/den`` (wall and CPU time) against ``target``."""
     r = C.ratio(times, num, den)
     ok = None
@@ -52,11 +63,17 @@ def result(workload: str, case: str, times: C.Timings, num: str, den: str, *, ki
         op, bound = target.split()
         ok = r >= float(bound) if op == ">=" else r <= float(bound)
     return {
-        "workload": workload, "case": case, "ratio": r, "cpu_ratio": C.cpu_ratio(times, num, den),
-        "ratio_kind": kind, "target": target, "ok": ok,
+        "workload": workload,
+        "case": case,
+        "ratio": r,
+        "cpu_ratio": C.cpu_ratio(times, num, den),
+        "ratio_kind": kind,
+        "target": target,
+        "ok": ok,
         "seconds": {k: times[k] for k in (num, den)},
-        "cpu_seconds": {k: times.cpu[k] for k in (num, den)}, **extra,
-    }  # fmt: skip
+        "cpu_seconds": {k: times.cpu[k] for k in (num, den)},
+        **extra,
+    }
 
 
 # -- 1. overhead ---------------------------------------------------------------------------------
@@ -84,13 +101,22 @@ def bench_overhead(lm: actadd.LM, reps: int, n_new: int, batches: tuple[int, ...
             variants[name] = lambda run=run, adds=adds, loc=loc: run(adds, loc)
         times = C.interleaved(variants, reps=reps)
         for name in cases:
-            rows.append(result(
-                "overhead", f"{name}, batch {b}", times, "unsteered", name,
-                kind="tokens/s vs unsteered", target=">= 0.98", batch=b, new_tokens=n_new,
-                key=f"overhead-{'1layer' if name.startswith('front') else '4layers'}-b{b}",
-                tok_s=b * n_new / C.med(times[name]),
-                tok_s_unsteered=b * n_new / C.med(times["unsteered"]),
-            ))  # fmt: skip
+            rows.append(
+                result(
+                    "overhead",
+                    f"{name}, batch {b}",
+                    times,
+                    "unsteered",
+                    name,
+                    kind="tokens/s vs unsteered",
+                    target=">= 0.98",
+                    batch=b,
+                    new_tokens=n_new,
+                    key=f"overhead-{'1layer' if name.startswith('front') else '4layers'}-b{b}",
+                    tok_s=b * n_new / C.med(times[name]),
+                    tok_s_unsteered=b * n_new / C.med(times["unsteered"]),
+                )
+            )
     return rows
 
 
@@ -134,10 +160,16 @@ def bench_sweep(lm: actadd.LM, reps: int, n_new: int) -> list[dict]:
                 return C.greedy(lm.model, lm.tokenizer, ids, mask, n_new)
             with torch.no_grad():  # HF's own sampler, top-p 0.3 (it has no frequency penalty)
                 return lm.model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=True, top_p=0.3, top_k=None,
-                    temperature=1.0, max_new_tokens=n_new, min_new_tokens=n_new,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=True,
+                    top_p=0.3,
+                    top_k=None,
+                    temperature=1.0,
+                    max_new_tokens=n_new,
+                    min_new_tokens=n_new,
                     pad_token_id=lm.pad_token_id,
-                )  # fmt: skip
+                )
 
         # greedy: the ceiling is the same computation as actadd's unsteered call, so the loop
         # (slow; sampling would add the same to both sides) runs there; sampled: HF's sampler
@@ -151,18 +183,37 @@ def bench_sweep(lm: actadd.LM, reps: int, n_new: int) -> list[dict]:
                 "vs_unsteered_same_api": C.ratio(times, "batched", "unsteered"),
                 "seconds_unsteered_same_api": times["unsteered"],
             }
-        rows.append(result(
-            "sweep", f"16 configs, {mode}: per-row batch vs ceiling", times, "batched",
-            "ceiling", kind="time / ceiling", target="<= 1.10", mode=mode, new_tokens=n_new,
-            key=f"sweep-{mode}", **extra,
-        ))  # fmt: skip
+        rows.append(
+            result(
+                "sweep",
+                f"16 configs, {mode}: per-row batch vs ceiling",
+                times,
+                "batched",
+                "ceiling",
+                kind="time / ceiling",
+                target="<= 1.10",
+                mode=mode,
+                new_tokens=n_new,
+                key=f"sweep-{mode}",
+                **extra,
+            )
+        )
         if "loop" in times:
-            rows.append(result(
-                "sweep", f"16 configs, {mode}: loop of 16 calls vs ceiling", times, "loop",
-                "ceiling", kind="time / ceiling", target=None, mode=mode, new_tokens=n_new,
-                key=f"sweep-loop-{mode}",
-                speedup_of_batched_over_loop=C.ratio(times, "loop", "batched"),
-            ))  # fmt: skip
+            rows.append(
+                result(
+                    "sweep",
+                    f"16 configs, {mode}: loop of 16 calls vs ceiling",
+                    times,
+                    "loop",
+                    "ceiling",
+                    kind="time / ceiling",
+                    target=None,
+                    mode=mode,
+                    new_tokens=n_new,
+                    key=f"sweep-loop-{mode}",
+                    speedup_of_batched_over_loop=C.ratio(times, "loop", "batched"),
+                )
+            )
     return rows
 
 
@@ -182,13 +233,22 @@ def bench_mixed(lm: actadd.LM, reps: int, n_new: int, batches: tuple[int, ...]) 
                 return C.greedy(lm.model, lm.tokenizer, ids, mask, n_new)
 
         times = C.interleaved({"unsteered": plain, "mixed": mixed}, reps=reps)
-        rows.append(result(
-            "mixed", f"per-row additions, batch {b}", times, "unsteered", "mixed",
-            kind="tokens/s vs unsteered", target=">= 0.95", batch=b, new_tokens=n_new,
-            key=f"mixed-b{b}",
-            tok_s=b * n_new / C.med(times["mixed"]),
-            tok_s_unsteered=b * n_new / C.med(times["unsteered"]),
-        ))  # fmt: skip
+        rows.append(
+            result(
+                "mixed",
+                f"per-row additions, batch {b}",
+                times,
+                "unsteered",
+                "mixed",
+                kind="tokens/s vs unsteered",
+                target=">= 0.95",
+                batch=b,
+                new_tokens=n_new,
+                key=f"mixed-b{b}",
+                tok_s=b * n_new / C.med(times["mixed"]),
+                tok_s_unsteered=b * n_new / C.med(times["unsteered"]),
+            )
+        )
     return rows
 
 
@@ -219,13 +279,21 @@ def bench_vectors(lm: actadd.LM, reps: int, n_pairs: int) -> list[dict]:
     times = C.interleaved({"body": body, "build": build}, reps=reps)
     return [
         result(
-            "vectors", f"mean difference, {n_pairs} pairs, 8 layers", times, "build", "body",
-            kind="time / plain forwards", target="<= 1.10", pairs=n_pairs, layers=layers,
+            "vectors",
+            f"mean difference, {n_pairs} pairs, 8 layers",
+            times,
+            "build",
+            "body",
+            kind="time / plain forwards",
+            target="<= 1.10",
+            pairs=n_pairs,
+            layers=layers,
             key="vectors",
-            batch=batch, how="actadd.mean_diff(read='last') vs lm.base_model(...) on the same "
+            batch=batch,
+            how="actadd.mean_diff(read='last') vs lm.base_model(...) on the same "
             "batches (all decoder layers, no LM head)",
         )
-    ]  # fmt: skip
+    ]
 
 
 # -- 5. memory -----------------------------------------------------------------------------------
@@ -253,10 +321,15 @@ def memory_worker(mode: str, batch: int, n_new: int) -> None:
             C.greedy(lm.model, lm.tokenizer, ids, mask, n_new)
     else:
         C.greedy(lm.model, lm.tokenizer, ids, mask, n_new)
-    print(json.dumps({
-        "rss_after_load_kb": after_load, "peak_during_generate_kb": _status_kb("VmHWM"),
-        "peak_process_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-    }))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "rss_after_load_kb": after_load,
+                "peak_during_generate_kb": _status_kb("VmHWM"),
+                "peak_process_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+            }
+        )
+    )
 
 
 def bench_memory(reps: int, batch: int, n_new: int) -> list[dict]:
@@ -264,10 +337,20 @@ def bench_memory(reps: int, batch: int, n_new: int) -> list[dict]:
     for r in range(reps):
         for mode in ("unsteered", "steered") if r % 2 == 0 else ("steered", "unsteered"):
             out = subprocess.run(
-                [sys.executable, __file__, "--memory-worker", mode, "--batch", str(batch),
-                 "--new-tokens", str(n_new)],
-                capture_output=True, text=True, env=os.environ.copy(),
-            )  # fmt: skip
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-worker",
+                    mode,
+                    "--batch",
+                    str(batch),
+                    "--new-tokens",
+                    str(n_new),
+                ],
+                capture_output=True,
+                text=True,
+                env=os.environ.copy(),
+            )
             if out.returncode:
                 raise RuntimeError(f"memory worker failed:\n{out.stderr[-2000:]}")
             runs[mode].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -278,13 +361,23 @@ def bench_memory(reps: int, batch: int, n_new: int) -> list[dict]:
     ):
         s = C.med([x[key] for x in runs["steered"]])
         u = C.med([x[key] for x in runs["unsteered"]])
-        rows.append({
-            "workload": "memory", "key": f"memory-{short}", "case": f"{label}, batch {batch}",
-            "ratio": s / u,
-            "ratio_kind": "steered / unsteered", "target": "<= 1.05", "ok": s / u <= 1.05,
-            "batch": batch, "new_tokens": n_new, "steered_mb": s / 1024, "unsteered_mb": u / 1024,
-            "runs": runs, "steered_with": "x-vectors at 4 layers, addition_location='all'",
-        })  # fmt: skip
+        rows.append(
+            {
+                "workload": "memory",
+                "key": f"memory-{short}",
+                "case": f"{label}, batch {batch}",
+                "ratio": s / u,
+                "ratio_kind": "steered / unsteered",
+                "target": "<= 1.05",
+                "ok": s / u <= 1.05,
+                "batch": batch,
+                "new_tokens": n_new,
+                "steered_mb": s / 1024,
+                "unsteered_mb": u / 1024,
+                "runs": runs,
+                "steered_with": "x-vectors at 4 layers, addition_location='all'",
+            }
+        )
     return rows
 
 
@@ -297,8 +390,20 @@ def bench_ray(n: int, n_new: int) -> list[dict]:
         console.print("ray: skipped (needs `unshare` for a loopback-only network namespace)")
         return []
     user = [] if os.geteuid() == 0 else ["--map-root-user"]
-    cmd = ["unshare", *user, "--net", "--pid", "--mount-proc", "--kill-child", sys.executable,
-           str(Path(__file__).with_name("ray_sweep.py")), "--n", str(n), "--tokens", str(n_new)]  # fmt: skip
+    cmd = [
+        "unshare",
+        *user,
+        "--net",
+        "--pid",
+        "--mount-proc",
+        "--kill-child",
+        sys.executable,
+        str(Path(__file__).with_name("ray_sweep.py")),
+        "--n",
+        str(n),
+        "--tokens",
+        str(n_new),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise RuntimeError(f"ray_sweep.py failed:\n{out.stderr[-3000:]}")
@@ -313,18 +418,28 @@ def ray_rows(r: dict[str, Any], n: int, n_new: int) -> list[dict]:
     started = r["ray_sweep_s"] + r["cluster_start_s"] + r["workers_start_s"]
     threads = r["local_torch_threads"]
     return [
-        {**base, "key": "ray-sweep", "case": f"{case}: 2 Ray workers vs local, 1 thread each",
-         "ratio": r["ray_sweep_s"] / r["local_1thread_s"],
-         "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_1thread_s"]]}},
-        {**base, "key": "ray-sweep-all-cores",
-         "case": f"{case}: 2 Ray workers vs local with {threads} threads",
-         "ratio": r["ray_sweep_s"] / r["local_s"],
-         "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_s"]]}},
-        {**base, "key": "ray-sweep-with-start",
-         "case": f"{case}: Ray with cluster start and model loads vs local, 1 thread",
-         "ratio": started / r["local_1thread_s"],
-         "seconds": {"ray": [started], "local": [r["local_1thread_s"]]}},
-    ]  # fmt: skip
+        {
+            **base,
+            "key": "ray-sweep",
+            "case": f"{case}: 2 Ray workers vs local, 1 thread each",
+            "ratio": r["ray_sweep_s"] / r["local_1thread_s"],
+            "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_1thread_s"]]},
+        },
+        {
+            **base,
+            "key": "ray-sweep-all-cores",
+            "case": f"{case}: 2 Ray workers vs local with {threads} threads",
+            "ratio": r["ray_sweep_s"] / r["local_s"],
+            "seconds": {"ray": [r["ray_sweep_s"]], "local": [r["local_s"]]},
+        },
+        {
+            **base,
+            "key": "ray-sweep-with-start",
+            "case": f"{case}: Ray with cluster start and model loads vs local, 1 thread",
+            "ratio": started / r["local_1thread_s"],
+            "seconds": {"ray": [started], "local": [r["local_1thread_s"]]},
+        },
+    ]
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -335,20 +450,16 @@ def table(rows: list[dict], title: str) -> Table:
     for r in rows:
         ok = r.get("ok")
         mark = "" if ok is None else (" [green]✓[/]" if ok else " [red]✗[/]")
-        if "tok_s" in r:
-            ctx = f"{r['tok_s']:.0f} vs {r['tok_s_unsteered']:.0f} tok/s"
-        elif "steered_mb" in r:
-            ctx = f"{r['steered_mb']:.0f} vs {r['unsteered_mb']:.0f} MB"
-        elif "overhead_per_chunk_s" in r:
-            ray_s, local_s = C.med(r["seconds"]["ray"]), C.med(r["seconds"]["local"])
-            ctx = (f"{r['rows'] / ray_s:.2f} vs {r['rows'] / local_s:.2f} rows/s; "
-                   f"{r['overhead_per_chunk_s'] * 1000:.0f} ms Ray overhead per chunk")  # fmt: skip
-        elif "speedup_of_batched_over_loop" in r:
-            ctx = f"batched is {r['speedup_of_batched_over_loop']:.1f}x faster than the loop"
-        else:
-            ctx = " vs ".join(f"{C.med(v):.2f}" for v in r["seconds"].values()) + " s"
+        ctx = context(r)
         cpu = f"{r['cpu_ratio']:.3f}" if "cpu_ratio" in r else ""
-        t.add_row(r["workload"], r["case"], f"{r['ratio']:.3f}{mark}", r["target"] or "", cpu, ctx)
+        t.add_row(
+            r["workload"],
+            r["case"],
+            ("n/a" if r["ratio"] != r["ratio"] else f"{r['ratio']:.3f}") + mark,
+            r["target"] or "",
+            cpu,
+            ctx,
+        )
     return t
 
 
@@ -376,11 +487,18 @@ def main() -> None:
         p.error(f"unknown workloads {sorted(bad)}; choose from {', '.join(WORKLOADS)}")
     q = args.quick
     record: dict[str, Any] = {
-        "library": "actadd", "version": actadd.__version__, "commit": C.git_commit(),
-        "started": C.now(), "machine": C.machine(), "quick": q,
-        "reps": {w: args.reps or C.REPS[w] for w in WORKLOADS if w not in ("memory", "ray")},
-        "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)", "results": [],
-    }  # fmt: skip
+        "library": "actadd",
+        "version": actadd.__version__,
+        "commit": C.git_commit(),
+        "started": C.now(),
+        "machine": C.machine(),
+        "quick": q,
+        "reps": {
+            w: args.reps or C.REPS[w] for w in WORKLOADS if w not in ("memory", "ray", "serving")
+        },
+        "model": "SmolLM2-135M-Instruct (embedded GGUF, float32)",
+        "results": [],
+    }
     t0 = time.perf_counter()
     with console.status("loading the embedded model"):
         lm = actadd.load_model()
@@ -393,6 +511,7 @@ def main() -> None:
         "vectors": lambda: bench_vectors(lm, reps["vectors"], 32 if q else C.VECTOR_PAIRS),
         "memory": lambda: bench_memory(args.memory_reps, 8, 8 if q else C.NEW_TOKENS),
         "ray": lambda: bench_ray(1 if q else 2, 6 if q else C.SWEEP_TOKENS),
+        "serving": lambda: bench_serving(q),
     }
     for name in only:
         with console.status(f"workload: {name}"):

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import loadtest as L  # noqa: E402
 
-PREVIOUS = "4aa4818"  # main before the continuous-batching engine (issue 11)
+PREVIOUS = "4aa4818"  # main before the continuous-batching engine
 REQUESTS, LONG, SHORT = 48, 256, 8
 
 
