@@ -513,10 +513,17 @@ def main() -> None:
         "ray": lambda: bench_ray(1 if q else 2, 6 if q else C.SWEEP_TOKENS),
         "serving": lambda: bench_serving(q),
     }
+    failed: list[str] = []
     for name in only:
         with console.status(f"workload: {name}"):
             t = time.perf_counter()
-            out = steps[name]()
+            try:
+                out = steps[name]()
+            except Exception:  # keep the other workloads' results; the run still fails below
+                console.print_exception()
+                failed.append(name)
+                record.setdefault("failed", []).append(name)
+                continue
             for r in out:
                 r["seconds_for_workload"] = round(time.perf_counter() - t, 1)
             rows.extend(out)
@@ -534,6 +541,8 @@ def main() -> None:
         )
     )
     console.print(f"{record['seconds_total']:.0f} s in all; wrote {path}")
+    if failed:
+        sys.exit(f"workloads that failed (their tracebacks are above): {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def mix(
                 body.update(temperature=1, top_p=0.3, frequency_penalty=1, n=1 + j % 2)
             streamed = {"all": True, "none": False, "mixed": (i + j) % 2 == 0}[stream]
             if j == 2:  # chat
-                body["messages"] = [{"role": "user", "content": prompt}]
+                # the user's words must hold the longest addition (the chat rule steers them)
+                body["messages"] = [{"role": "user", "content": f"Continue this: {prompt}"}]
                 out.append(("/v1/chat/completions", body | {"stream": streamed}))
             else:
                 body["prompt"] = prompt
