@@ -79,7 +79,9 @@ def test_the_wedding_vector_pads_an_empty_prompt(real_lm):
     )
     space = model.to_single_token(" ")
     assert weddings.tokens == tuple(model.token_ids(" weddings"))
-    assert empty.tokens == (space,) * len(weddings.tokens)
+    # the shared start token stays first on both sides (so position 0 cancels), spaces after
+    lead = () if model.start_token_id is None else (model.start_token_id,)
+    assert empty.tokens == lead + (space,) * (len(weddings.tokens) - len(lead))
     df = actadd.gen_using_activation_additions(
         model,
         [[], [weddings, empty]],
