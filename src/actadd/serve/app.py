@@ -130,23 +130,17 @@ def _submit(engine: Engine, rows: list[Row]) -> tuple[Job, asyncio.Queue[Event]]
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
     job = Job(rows, emit)
+    # the server cannot take it now: say so, and when to retry (503 closing, 429 queue full)
+    busy = {
+        EngineClosed: (503, "server_error", "shutting_down"),
+        QueueFull: (429, "rate_limit_error", "queue_full"),
+    }
     try:
         engine.submit(job)
-    except EngineClosed as e:
+    except (EngineClosed, QueueFull) as e:
+        status, kind, code = busy[type(e)]
         raise APIError(
-            503,
-            str(e),
-            type="server_error",
-            code="shutting_down",
-            headers={"Retry-After": RETRY_AFTER},
-        ) from e
-    except QueueFull as e:
-        raise APIError(
-            429,
-            str(e),
-            type="rate_limit_error",
-            code="queue_full",
-            headers={"Retry-After": RETRY_AFTER},
+            status, str(e), type=kind, code=code, headers={"Retry-After": RETRY_AFTER}
         ) from e
     return job, queue
 
