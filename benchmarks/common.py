@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import time
@@ -52,7 +53,7 @@ VECTOR_PAIRS = 256
 VECTOR_LAYERS = (1, 5, 9, 13, 17, 21, 25, 29)  # to the top, so reading runs ~the whole model
 VECTOR_BATCH = 16  # texts per forward pass (actadd.mean_diff's default)
 # Timed rounds per workload: overhead's target (0.98) is the tightest against timing noise.
-REPS = {"overhead": 5, "sweep": 3, "mixed": 3, "vectors": 3}
+REPS = {"overhead": 9, "sweep": 3, "mixed": 5, "vectors": 3}
 
 
 def batch_prompts(n: int) -> list[str]:
@@ -167,6 +168,34 @@ def interleaved(
 def ratio(times: dict[str, list[float]], num: str, den: str) -> float:
     """Median over rounds of ``times[num] / times[den]`` (round ``i`` of both)."""
     return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+
+
+def ratio_ci(
+    times: dict[str, list[float]], num: str, den: str, *, level: float = 0.95, n: int = 2000
+) -> tuple[float, float]:
+    """A bootstrap ``level`` interval of ``ratio`` (resampling rounds; seeded, so reruns of
+    the report agree): how far run-to-run noise alone moves the median."""
+    pairs = [a / b for a, b in zip(times[num], times[den], strict=True)]
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(pairs, k=len(pairs))) for _ in range(n))
+    cut = int(n * (1 - level) / 2)
+    return meds[cut], meds[n - 1 - cut]
+
+
+def hook_share(call: Callable[[], Any]) -> float:
+    """The fraction of ``call``'s wall time spent inside actadd's hooks, from one run under
+    ``torch.profiler`` (actadd labels each hook call ``actadd:...``). The profiler slows every
+    op a little, the hooks' included, so the fraction is close to the unprofiled one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        call()
+        wall = time.perf_counter() - t0
+    inside = sum(e.cpu_time_total for e in prof.events() if e.name.startswith("actadd:"))
+    if not inside:
+        raise RuntimeError("no actadd hook ran under the profiler: nothing was steered")
+    return inside / 1e6 / wall
 
 
 def cpu_ratio(times: Timings, num: str, den: str) -> float:

@@ -34,7 +34,11 @@ def context(r: dict[str, Any]) -> str:
     if "context" in r:
         return str(r["context"])
     if "tok_s" in r:
-        return f"{r['tok_s']:.0f} vs {r['tok_s_unsteered']:.0f} tok/s"
+        out = f"{r['tok_s']:.0f} vs {r['tok_s_unsteered']:.0f} tok/s"
+        if "hook_share" in r:  # steering-cost rows: the interval and the hooks' own time
+            lo, hi = r["ci95"]
+            out += f"; 95 % CI {lo:.3f}–{hi:.3f}; hooks {100 * r['hook_share']:.2f} % of the time"
+        return out
     if "steered_mb" in r:
         return f"{r['steered_mb']:.0f} vs {r['unsteered_mb']:.0f} MB"
     if "overhead_per_chunk_s" in r:

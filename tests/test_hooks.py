@@ -79,3 +79,20 @@ def test_actadd_hooks_counts_only_ours(llama):
     with steer(llama, get_x_vector("Lo", "Ha", 1.0, 1)):
         assert actadd_hooks(llama.model) == 2  # the root hook and one site hook
     assert actadd_hooks(llama.model) == 0
+
+
+def test_hook_calls_are_named_in_profiler_traces(llama):
+    """Under torch.profiler each hook call is a range named after what it hooks (how `make
+    bench` measures steering's own cost); outside one, hooks run unlabelled and still steer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = llama.to_tokens("abcd")
+    with steer(llama, get_x_vector("Lo", "Ha", 5.0, 1), addition_location="all"):
+        plain = llama.model(ids).logits
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            profiled = llama.model(ids).logits
+    names = [e.name for e in prof.events() if e.name.startswith("actadd:")]
+    assert names.count("actadd:root") == 1
+    assert names.count(f"actadd:{llama.site_map.layers}.1") == 1
+    assert torch.equal(plain, profiled)  # the label changes nothing
+    assert not torch.equal(plain, llama.model(ids).logits)  # and it did steer
