@@ -266,7 +266,9 @@ def main() -> None:
     with console.status("loading the embedded model"):
         a = Anchors()
     steps = {
-        "overhead": lambda: bench_overhead(a, record["reps"]["overhead"], 8 if q else C.NEW_TOKENS),
+        "overhead": lambda: bench_overhead(
+            a, record["reps"]["overhead"], 8 if q else C.OVERHEAD_TOKENS
+        ),
         "sweep": lambda: bench_sweep(a, record["reps"]["sweep"], 6 if q else C.SWEEP_TOKENS),
         "vectors": lambda: bench_vectors(a, record["reps"]["vectors"], 32 if q else C.VECTOR_PAIRS),
     }

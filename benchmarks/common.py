@@ -42,7 +42,9 @@ PROMPTS = [
     "The best way to learn a language is",
     "When I opened the door I saw",
 ]
-NEW_TOKENS = 64  # workload 1
+NEW_TOKENS = 64  # memory (and overhead's anchors run of 2026-11-23)
+# overhead: many short rounds resolve a small cost better than a few long ones on a noisy VM
+OVERHEAD_TOKENS = 32
 SWEEP_TOKENS = 40  # workloads 2 and 3
 SWEEP_LAYERS = (2, 6, 10, 14)
 SWEEP_COEFFS = (1.0, 3.0, 5.0, 10.0)
@@ -53,7 +55,7 @@ VECTOR_PAIRS = 256
 VECTOR_LAYERS = (1, 5, 9, 13, 17, 21, 25, 29)  # to the top, so reading runs ~the whole model
 VECTOR_BATCH = 16  # texts per forward pass (actadd.mean_diff's default)
 # Timed rounds per workload: overhead's target (0.98) is the tightest against timing noise.
-REPS = {"overhead": 9, "sweep": 3, "mixed": 5, "vectors": 3}
+REPS = {"overhead": 21, "sweep": 3, "mixed": 5, "vectors": 3}
 
 
 def batch_prompts(n: int) -> list[str]:

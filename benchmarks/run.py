@@ -2,7 +2,7 @@
 
 Workloads (see benchmarks/README.md for the targets):
 
-1. overhead  - steered greedy generate / unsteered, batch 1 and 8, 64 new tokens
+1. overhead  - steered greedy generate / unsteered, batch 1 and 8, 32 new tokens
 2. sweep     - 16 configurations of one prompt: one per-row batch vs 16 calls vs the ceiling
 3. mixed     - per-row different additions in one batch of 8 and 32 vs the batch unsteered
 4. vectors   - a mean-difference vector from 256 pairs at 8 layers vs as many plain forwards
@@ -524,7 +524,9 @@ def main() -> None:
     rows: list[dict] = record["results"]
     reps = record["reps"]
     steps = {
-        "overhead": lambda: bench_overhead(lm, reps["overhead"], 8 if q else C.NEW_TOKENS, (1, 8)),
+        "overhead": lambda: bench_overhead(
+            lm, reps["overhead"], 8 if q else C.OVERHEAD_TOKENS, (1, 8)
+        ),
         "sweep": lambda: bench_sweep(lm, reps["sweep"], 6 if q else C.SWEEP_TOKENS),
         "mixed": lambda: bench_mixed(lm, reps["mixed"], 6 if q else C.SWEEP_TOKENS, (8, 32)),
         "vectors": lambda: bench_vectors(lm, reps["vectors"], 32 if q else C.VECTOR_PAIRS),
