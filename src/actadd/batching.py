@@ -209,8 +209,8 @@ class Scheduler:
         self._last: Tensor | None = None  # [B] the token each row feeds next
         self._steering: Steering | None = None  # for the running rows, while they stand
         self._cache_kw = _cache_keyword(self.lm.model)
-        # only the last position's logits are sampled: computing the LM head for the whole
-        # prompt costs ~10 % of a prefill on the embedded model
+        # only the last position's logits are sampled; the LM head over every prompt position
+        # (and its [B, T, vocab] output) made a concurrency-8 load ~25 % slower (docs/serving.md)
         self._last_logits = (
             {"logits_to_keep": 1}
             if "logits_to_keep" in inspect.signature(self.lm.model.forward).parameters
