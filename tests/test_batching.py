@@ -10,6 +10,7 @@ import actadd
 from actadd import ActivationAddition, SteeringVector, get_x_vector
 from actadd.batching import Request, Scheduler, generate_many
 from actadd.sampling import GREEDY, Sampling
+from conftest import ARCHS, build_tiny
 
 PROMPTS = ["abcdefghij", "xyz w", "hello there, friend", "q", "the weather today is"]
 
@@ -71,14 +72,99 @@ def alone(lm: actadd.LM, r: Request) -> str:
     return str(df.completions[0])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3_text", "qwen2"])
+def collect(texts: list[str], i: int):
+    """A listener appending row ``i``'s text deltas to ``texts[i]``."""
+
+    def on(kind: str, args: tuple) -> None:
+        if kind == "delta":
+            texts[i] += args[0]
+
+    return on
+
+
+def scheduled(lm: actadd.LM, reqs: list[Request], **options) -> tuple[list[str], dict]:
+    """Each request's text through one Scheduler, and its stats (mixed steps next to any
+    number of decoding rows unless ``options`` say otherwise)."""
+    sched = Scheduler(lm, **{"mix_min_rows": 1, **options})
+    texts = ["" for _ in reqs]
+    for i, r in enumerate(reqs):
+        sched.submit(r, collect(texts, i))
+    while sched.busy:
+        sched.step()
+    return texts, sched.stats
+
+
+# where transformers routes every layer's attention through AttentionInterface as SDPA, new
+# prompts are read inside the decoding step; these must keep doing so
+MIXED = {"llama", "gpt2", "gemma3_text", "qwen2", "mistral", "phi3", "gpt_neox", "opt"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_every_row_equals_the_request_alone(tiny_factory, arch):
+    """Rows join while others decode (mixed steps where the model allows them, separate
+    prefills elsewhere): every text equals the request generated alone."""
     lm = tiny_factory(arch)
     reqs = requests(lm)
-    outs = generate_many(lm, reqs, max_rows=4)
-    for r, out in zip(reqs, outs, strict=True):
-        assert out.error is None
-        assert out.text == alone(lm, r), (arch, r)
+    texts, stats = scheduled(lm, reqs, max_rows=4)
+    for r, text in zip(reqs, texts, strict=True):
+        assert text == alone(lm, r), (arch, r)
+    if arch in MIXED:
+        assert stats["mixed"] >= 5, stats
+    mixed_off, _ = scheduled(lm, reqs, max_rows=4, mixed_steps=False)
+    assert mixed_off == texts
+
+
+def test_a_model_that_mixes_tokens_outside_attention_gets_no_mixed_steps():
+    """The probe compares a mixed step with each request alone: a module that mixes tokens
+    (here a hook adding the sequence mean) would leak between packed requests, so it is off."""
+    from actadd.batching import _cache_keyword
+    from actadd.packing import packable
+
+    lm = build_tiny("llama")
+    mlp = lm.layers[0].mlp
+    handle = mlp.register_forward_hook(lambda m, a, out: out + out.mean(1, keepdim=True))
+    try:
+        assert not packable(lm, _cache_keyword(lm.model))
+    finally:
+        handle.remove()
+    assert packable(build_tiny("llama"), _cache_keyword(lm.model))
+
+
+def test_mixed_steps_wait_for_enough_decoding_rows(llama):
+    reqs = requests(llama)[:4]
+    _, stats = scheduled(llama, reqs, max_rows=1)
+    assert stats["mixed"] == 0  # never a row decoding while another joins
+    _, alone_next_to_one = scheduled(llama, reqs, max_rows=2, mix_min_rows=2)
+    _, mixed_next_to_one = scheduled(llama, reqs, max_rows=2, mix_min_rows=1)
+    assert alone_next_to_one["mixed"] == 0 and mixed_next_to_one["mixed"] > 0
+
+
+def test_a_failing_mixed_step_takes_its_token_back_and_prefills_apart(monkeypatch):
+    """A mixed step that fails half-way (after some layers appended this step's token to the
+    running cache) leaves the cache as it was; its prompts are then prefilled alone."""
+    from actadd import packing
+    from actadd.batching import _cache_keyword
+
+    lm = build_tiny("llama")
+    assert packing.packable(lm, _cache_keyword(lm.model))  # probed before the fault
+    reqs = requests(lm)[:6]
+    expected = [alone(lm, r) for r in reqs]
+    calls = {"n": 0}
+
+    def fail_in_mixed_steps(module, args):
+        if getattr(packing._LOCAL, "step", None) is not None:
+            calls["n"] += 1
+            raise RuntimeError("boom")
+
+    handle = lm.layers[1].register_forward_pre_hook(fail_in_mixed_steps)
+    assert lm.model.config._attn_implementation == "sdpa"
+    try:
+        texts, stats = scheduled(lm, reqs, max_rows=3)
+    finally:
+        handle.remove()
+    assert calls["n"] >= 2 and stats["mixed"] == 0
+    assert texts == expected
+    assert lm.model.config._attn_implementation == "sdpa"
 
 
 def test_a_row_does_not_depend_on_when_it_joins(llama):
@@ -184,6 +270,15 @@ def test_chat_spans_and_conditions_equal_alone(tiny_factory):
     outs = generate_many(lm, reqs, max_rows=4)
     for r, out in zip(reqs[:3], outs[:3], strict=True):
         assert out.text == alone(lm, r)
+    # joining one by one: conditioned rows decode in mixed steps with their gates, spans pack
+    sched = Scheduler(lm, max_rows=4, mix_min_rows=1)
+    texts = ["" for _ in reqs]
+    for i, r in enumerate(reqs):
+        sched.submit(r, collect(texts, i))
+        sched.step()
+    while sched.busy:
+        sched.step()
+    assert texts == [o.text for o in outs] and sched.stats["mixed"] >= 1, sched.stats
     with actadd.steer(lm, [list(reqs[3].additions)], spans=[(3, 9)]):
         ids = torch.tensor([reqs[3].ids])
         solo = lm.model.generate(

@@ -117,3 +117,12 @@ def test_cache_position_wins_and_a_wide_static_mask_does_not_move_the_past():
     # a static cache's 2-D mask is as wide as the cache, not past + new tokens
     f = read(input_ids=IDS, cache=_Cache(0), attention_mask=torch.ones(1, 7, dtype=torch.long))
     assert f.past == 0 and f.mask is not None
+
+
+def test_a_packed_forward_gives_its_segments_and_needs_positions():
+    segments = torch.tensor([0, 1, 3])
+    f = read(input_ids=IDS, position_ids=torch.tensor([[7, 0, 1]]), cu_seq_lens_q=segments)
+    assert f.segments is segments and f.batch == 1
+    assert read(input_ids=IDS).segments is None
+    with pytest.raises(PromptError, match="needs position_ids"):
+        read(input_ids=IDS, cu_seq_lens_q=segments)

@@ -16,6 +16,7 @@ from actadd.positions import (
     layouts,
     logical_positions,
     lowest_position,
+    packed_rows,
 )
 
 
@@ -120,3 +121,18 @@ def test_layouts_stay_differentiable():
     lay = layouts([[("s", v * 2, 0)]], 2, 3)["s"]
     lay.sum().backward()
     assert v.grad is not None and v.grad.tolist() == [[2.0, 2.0, 2.0]]
+
+
+def test_packed_rows_map_each_token_to_its_request():
+    # two decoding rows (one token each), then prompts of 3 and 2 tokens
+    segments = torch.tensor([0, 1, 2, 5, 7])
+    assert packed_rows(segments, 7).tolist() == [0, 1, 2, 2, 2, 3, 3]
+    assert packed_rows(torch.tensor([0, 4]), 4).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "segments, why", [([0, 2, 2, 5], "empty request"), ([0, 3], "from 0 to the 5"), ([1, 5], "0")]
+)
+def test_packed_rows_refuse_segments_that_do_not_cover_the_forward(segments, why):
+    with pytest.raises(ActAddError, match=why):
+        packed_rows(torch.tensor(segments), 5)

@@ -56,6 +56,10 @@ class ForwardInputs:
     mask: Tensor | None  # [B, >= past + T]
     position_ids: Tensor | None  # [B or 1, T] or [T]
     device: torch.device
+    # a packed forward (B == 1): where each request's tokens start, ``[R + 1]``; each token's
+    # logical position is then its position id (``cu_seq_lens_q``, as transformers' engine
+    # and ``actadd.packing`` send it)
+    segments: Tensor | None = None
 
 
 def cache_length(cache: Any) -> int | None:
@@ -102,6 +106,14 @@ class ForwardReader:
         mask, pos = a.get("attention_mask"), a.get("position_ids")
         mask2d = mask if isinstance(mask, Tensor) and mask.ndim == 2 else None
         positions = pos if isinstance(pos, Tensor) and pos.ndim in (1, 2) else None
+        segments = a.get("cu_seq_lens_q")
+        if not (isinstance(segments, Tensor) and segments.ndim == 1 and B == 1):
+            segments = None
+        elif positions is None:
+            raise PromptError(
+                "a packed forward pass (cu_seq_lens_q) needs position_ids: without them no "
+                "token's position in its own request is known"
+            )
         past = self._past(a, mask2d, T, self._knows_cache)
         if mask2d is not None and mask2d.shape[1] < past + T:
             mask2d = None  # not a mask over cached + new tokens: no padding information
@@ -113,6 +125,7 @@ class ForwardReader:
             mask=mask2d,
             position_ids=positions,
             device=ref.device,
+            segments=segments,
         )
 
     @staticmethod

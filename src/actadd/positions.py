@@ -47,6 +47,7 @@ __all__ = [
     "layouts",
     "logical_positions",
     "lowest_position",
+    "packed_rows",
 ]
 
 LOCATIONS = ("front", "mid", "back", "all", "generated")
@@ -191,6 +192,26 @@ def logical_positions(
         logical = torch.arange(past, past + T, device=device).expand(B, T)
         real = torch.ones_like(logical, dtype=torch.bool)
     return logical.masked_fill(~real, -1), real
+
+
+def packed_rows(segments: Tensor, tokens: int) -> Tensor:
+    """``[tokens]``: the request (row) each token of a packed forward belongs to, from
+    ``segments`` (``cu_seq_lens_q``: ``[R + 1]`` offsets where each request's tokens start).
+
+    Example:
+        >>> packed_rows(torch.tensor([0, 1, 2, 5]), 5).tolist()
+        [0, 1, 2, 2, 2]
+    """
+    segments = segments.reshape(-1).long()
+    if segments.numel() < 2 or int(segments[0]) != 0 or int(segments[-1]) != tokens:
+        raise ActAddError(
+            f"packed forward: cu_seq_lens_q {segments.tolist()} must run from 0 to the "
+            f"{tokens} tokens of the forward"
+        )
+    if bool((segments[1:] <= segments[:-1]).any()):
+        raise ActAddError(f"packed forward: cu_seq_lens_q {segments.tolist()} has an empty request")
+    token = torch.arange(tokens, device=segments.device)
+    return torch.searchsorted(segments[1:], token, right=True)
 
 
 def lowest_position(

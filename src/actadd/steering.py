@@ -47,6 +47,7 @@ from actadd.positions import (
     layouts,
     logical_positions,
     lowest_position,
+    packed_rows,
 )
 from actadd.sites import Site
 
@@ -288,6 +289,9 @@ class _Forward:
     every_full: bool  # "all" covers every token of this forward (a broadcast suffices)
     generated: Tensor | None  # [B, T, 1] float: real tokens past each row's prompt
     fresh: Tensor | None  # [B, T, 1] float: prompt (span) tokens whose conditions are read now
+    # a packed forward (B == 1, several requests): [1, T] each token's row (plan); ``idx`` then
+    # indexes the positional layouts flattened to [1, R * W]
+    rows: Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -491,10 +495,11 @@ class Steering:
             self._fwd = None
             return None
         f = self._reader.read(args, kwargs)
-        if self.per_row and len(self.plans) != f.batch:
+        rows = f.batch if f.segments is None else int(f.segments.numel()) - 1
+        if self.per_row and len(self.plans) != rows:
             raise ActAddError(
                 f"per-row additions were given for {len(self.plans)} rows but the model got a "
-                f"batch of {f.batch}; pass one list of additions per prompt (and no "
+                f"batch of {rows}; pass one list of additions per prompt (and no "
                 "num_return_sequences/beams), or one shared list"
             )
         self._fwd = self._plan(f)
@@ -502,6 +507,8 @@ class Steering:
 
     def _plan(self, f: ForwardInputs) -> _Forward:
         shape = (f.batch, f.tokens)
+        if f.segments is not None:
+            return self._plan_packed(f)
         simple = not self.tracks_prompt and not self._has("pos")
         if simple:  # "all" only, no spans, no conditions: only padding matters
             if f.mask is None:
@@ -533,21 +540,52 @@ class Steering:
             check_prompt_lengths(self._need(f.batch), real.sum(-1).tolist())
         return self._masks(shape, logical, real, fresh)
 
+    def _plan_packed(self, f: ForwardInputs) -> _Forward:
+        """A packed forward: each token's row from the segments, its logical position from
+        its position id. Prompts must have been read before (``for_plans``), since a packed
+        forward gives no row of its own to read a prompt from."""
+        if self.tracks_prompt and not self.decoding:
+            raise ActAddError(
+                "a packed forward (cu_seq_lens_q) needs steering whose rows' prompts are known: "
+                "build it with Steering.for_plans (each plan's prompt_len set)"
+            )
+        assert f.position_ids is not None and f.segments is not None  # ForwardReader checks
+        rows = packed_rows(f.segments.to(f.device), f.tokens)
+        if not self.per_row:
+            rows = torch.zeros_like(rows)
+        logical = f.position_ids.reshape(-1)[-f.tokens :].long().to(f.device)[None]  # [1, T]
+        real = torch.ones_like(logical, dtype=torch.bool)
+        return self._masks((1, f.tokens), logical, real, False, rows=rows[None])
+
     def _has(self, part: str) -> bool:
         return any(part in parts for parts in self._layouts.values())
 
     def _masks(
-        self, shape: tuple[int, int], logical: Tensor, real: Tensor, fresh: bool
+        self,
+        shape: tuple[int, int],
+        logical: Tensor,
+        real: Tensor,
+        fresh: bool,
+        *,
+        rows: Tensor | None = None,
     ) -> _Forward:
-        """Which tokens each kind of addition touches in this forward."""
+        """Which tokens each kind of addition touches in this forward. ``rows`` (packed
+        forwards): each token's row; otherwise batch row ``b`` is row ``b``."""
+
+        def per_token(x: Tensor) -> Tensor:  # [R] -> broadcastable to [B, T]
+            x = x.to(logical.device)
+            return x[:, None] if rows is None else x[rows]
+
         idx = valid = None
         if self._has("pos"):
             v = real & (logical < self.width)
             if bool(v.any()):
                 idx, valid = logical.clamp(0, self.width - 1), v[..., None]
+                if rows is not None:  # into the layouts flattened to [1, R * W]
+                    idx = rows * self.width + idx
         lens, spans = self._prompt_lens, self._spans
         if lens is not None:
-            lens = lens.to(logical.device)[:, None]  # [R, 1]
+            lens = per_token(lens)  # [R, 1], or [1, T] packed
             after = real & (logical >= lens)  # generated tokens
         else:
             after = torch.zeros_like(real)
@@ -555,8 +593,7 @@ class Steering:
         every_full = False
         if self._has("all"):
             if spans is not None:
-                s = spans.to(logical.device)
-                inside = (logical >= s[:, :1]) & (logical < s[:, 1:])
+                inside = (logical >= per_token(spans[:, 0])) & (logical < per_token(spans[:, 1]))
                 every = ((real & inside) | after)[..., None].float()
             elif bool(real.all()):
                 every_full = True
@@ -569,7 +606,7 @@ class Steering:
             span_lo = spans[:, 0].to(logical.device)[:, None] if spans is not None else 0
             span_hi = spans[:, 1].to(logical.device)[:, None] if spans is not None else lens
             fresh_mask = (real & (logical >= span_lo) & (logical < span_hi))[..., None].float()
-        return _Forward(shape, idx, valid, every, every_full, generated, fresh_mask)
+        return _Forward(shape, idx, valid, every, every_full, generated, fresh_mask, rows)
 
     def _need(self, batch: int) -> list[int]:
         return self.need if self.per_row else self.need * batch
@@ -674,7 +711,12 @@ class Steering:
                     gate = self._gates.get(id(self.groups[k]))
                     if gate is None:
                         continue
-                    delta = delta * gate.to(device=h.device, dtype=h.dtype)[:, None, None]
+                    gate = gate.to(device=h.device, dtype=h.dtype)
+                    rows = fwd.rows
+                    gate = (
+                        gate[:, None, None] if rows is None else gate[rows.to(h.device)][..., None]
+                    )
+                    delta = delta * gate
                 out = out + delta
             return out if out is not h else None
 
@@ -685,6 +727,14 @@ class Steering:
         tokens only)."""
         return k > 0 and site.order < self.known_at[id(self.groups[k])].order
 
+    @staticmethod
+    def _by_row(lay: Tensor | None, fwd: _Forward) -> Tensor | None:
+        """A ``[R, 1, D]`` layout as each token's row's vector, ``[1, T, D]``, in a packed
+        forward; as it is otherwise (it broadcasts over tokens)."""
+        if lay is None or fwd.rows is None:
+            return lay
+        return lay[:, 0][fwd.rows.to(lay.device)]
+
     def _delta(
         self, key: tuple[int, Site], fwd: _Forward, h: Tensor, *, early: bool
     ) -> Tensor | None:
@@ -692,13 +742,16 @@ class Steering:
         d: Tensor | None
         pos = self._part(key, "pos", h)
         if pos is not None and fwd.idx is not None and not early:
-            pos = pos.expand(h.shape[0], -1, -1) if pos.shape[0] == 1 else pos
+            if fwd.rows is not None:  # packed: rows' layouts end to end
+                pos = pos.reshape(1, -1, pos.shape[-1])
+            elif pos.shape[0] == 1:
+                pos = pos.expand(h.shape[0], -1, -1)
             assert fwd.valid is not None  # set together with idx
             idx = fwd.idx.to(h.device)
             # [B, T, D] <- layout rows at each token's logical position
             d = pos.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
             delta = d * fwd.valid.to(h.device)
-        lay = self._part(key, "all", h)
+        lay = self._by_row(self._part(key, "all", h), fwd)
         if lay is not None:
             cover = fwd.generated if early else fwd.every
             if early or not fwd.every_full:
@@ -707,7 +760,7 @@ class Steering:
                 d = lay.expand(h.shape[0], h.shape[1], -1) if delta is None else lay
             if d is not None:
                 delta = d if delta is None else delta + d
-        lay = self._part(key, "gen", h)
+        lay = self._by_row(self._part(key, "gen", h), fwd)
         if lay is not None and fwd.generated is not None:
             d = lay * fwd.generated.to(device=h.device, dtype=h.dtype)
             delta = d if delta is None else delta + d

@@ -119,7 +119,14 @@ class Engine:
         self._model = threading.Lock()  # held by a running step, or by held()
         self._thread: threading.Thread | None = None
         self._active: set[Job] = set()  # submitted jobs with rows not yet done
-        self.stats = {"steps": 0, "rows": 0, "max_rows": 0, "cancelled_rows": 0, "jobs": 0}
+        self.stats = {
+            "steps": 0,
+            "mixed_steps": 0,  # steps that also read new prompts (actadd.packing)
+            "rows": 0,
+            "max_rows": 0,
+            "cancelled_rows": 0,
+            "jobs": 0,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -218,6 +225,7 @@ class Engine:
             st = self.scheduler.stats
             self.stats.update(
                 steps=st["steps"],
+                mixed_steps=st["mixed"],
                 rows=st["rows"],
                 max_rows=st["max_rows"],
                 cancelled_rows=st["cancelled"],
