@@ -24,7 +24,10 @@ def serve(
         str | None,
         typer.Option(envvar="ACTADD_API_KEY", help="require 'Authorization: Bearer KEY' on /v1"),
     ] = None,
-    max_batch: Annotated[int, typer.Option(help="rows decoded together at most")] = 16,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(help="rows decoded together at most (default: the engine's, 32)"),
+    ] = None,
     kv_budget: Annotated[
         int | None,
         typer.Option(
@@ -74,7 +77,7 @@ def serve(
             vectors_dir=vectors,
             api_key=api_key,
             limits=Limits(max_tokens=max_tokens),
-            max_batch_rows=max_batch,
+            **({} if max_batch is None else {"max_batch_rows": max_batch}),
             max_queue_rows=max_queue,
             kv_budget_tokens=kv_budget,
             allowed_hosts=[*DEFAULT_HOSTS, *(allowed_host or []), *_bound(host)],

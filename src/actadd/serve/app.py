@@ -58,7 +58,7 @@ from actadd.errors import ActAddError
 from actadd.metrics import make_metric
 from actadd.model import LM
 from actadd.positions import LOCATIONS
-from actadd.serve.engine import Engine, EngineClosed, Event, Job, QueueFull
+from actadd.serve.engine import MAX_BATCH_ROWS, Engine, EngineClosed, Event, Job, QueueFull
 from actadd.serve.metrics import CountRequests, ServerMetrics
 from actadd.serve.requests import RequestReader, Rows
 from actadd.serve.schema import (
@@ -283,7 +283,7 @@ def create_app(
     vectors_dir: str | os.PathLike[str] | None = None,
     api_key: str | None = None,
     limits: Limits | None = None,
-    max_batch_rows: int = 16,
+    max_batch_rows: int = MAX_BATCH_ROWS,
     max_queue_rows: int = 256,
     kv_budget_tokens: int | None = None,
     allowed_hosts: Iterable[str] = DEFAULT_HOSTS,
