@@ -49,3 +49,11 @@ def test_new_prompts_attend_causally_to_themselves_only():
     assert b == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
     _, windowed = s.masks(2)
     assert windowed[1, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
+
+
+def test_a_packed_prefill_has_no_decoding_rows():
+    s = MixedStep(None, None, [3, 1])
+    assert s.B == 0 and s.get_seq_length() == 0
+    dec, new = s.masks(None)
+    assert dec is None and new.shape == (2, 1, 3, 3)
+    assert new[1, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # 2 pads, 1 token

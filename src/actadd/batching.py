@@ -278,22 +278,22 @@ class Scheduler:
         """Admit what fits, then decode one token for every running row."""
         self._drop_finished()
         admitted = self._admit()
-        if admitted and len(self.running) >= self.mix_min_rows and self._packable():
-            # one forward: the running rows decode while the prompts that can be packed
-            # (their steering known before the forward: no conditions) are read
+        if admitted and self._packable():
+            # prompts whose steering is known before the forward (no conditions) are read
+            # packed: inside the running rows' decoding step when enough rows decode (one
+            # forward for both), else in a packed prefill of their own
             packed = [r for r in admitted if not _has_conditions(r)]
             admitted = [r for r in admitted if _has_conditions(r)]
+            decoding = len(self.running) >= self.mix_min_rows
             if packed:
                 try:
-                    self._mixed(packed)
+                    self._mixed(packed, decoding=decoding)
                 except Exception:
-                    log.warning(
-                        "a mixed step failed; its prompts are prefilled apart", exc_info=True
-                    )
+                    log.warning("a packed step failed; its prompts get a prefill", exc_info=True)
                     admitted = [*packed, *admitted]
                 else:
                     self._drop_finished()
-                    if not admitted:
+                    if decoding and not admitted:
                         return
         if admitted:
             try:
@@ -413,24 +413,24 @@ class Scheduler:
             self._pack = self.mixed_steps and packable(self.lm, self._cache_kw)
         return self._pack
 
-    def _mixed(self, rows: list[_Row]) -> None:
-        """A mixed step (``actadd.packing``): the running rows decode one token while
-        ``rows`` are prefilled, in one packed forward; ``rows`` then join the batch."""
-        assert self._mask is not None and self._ids is not None and self._last is not None
-        device = self._mask.device
-        B, W = len(self.running), self._mask.shape[1]
-        mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], 1)
+    def _mixed(self, rows: list[_Row], *, decoding: bool) -> None:
+        """One packed forward (``actadd.packing``) reading ``rows``' prompts, with the running
+        rows decoding one token in it when ``decoding`` (a mixed step); ``rows`` then join
+        the batch. Packed, prompts of different lengths cost their tokens, not the longest
+        prompt's times their number as in a left-padded prefill."""
+        B = len(self.running) if decoding else 0
+        device = self.lm.device if self._mask is None else self._mask.device
         prompts = [torch.tensor(r.request.ids, device=device) for r in rows]
         lengths = [len(p) for p in prompts]
-        tokens = torch.cat([self._last, *prompts])
-        positions = torch.cat(
-            [
-                torch.tensor([r.length for r in self.running], device=device),
-                *(torch.arange(n, device=device) for n in lengths),
-            ]
-        )
-        segments = torch.tensor([0, *range(1, B + 1)], device=device)
-        segments = torch.cat([segments, B + torch.tensor(lengths, device=device).cumsum(0)])
+        positions = [torch.arange(n, device=device) for n in lengths]
+        mask = None
+        if B:
+            assert self._mask is not None and self._ids is not None and self._last is not None
+            mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], 1)
+            prompts.insert(0, self._last)
+            positions.insert(0, torch.tensor([r.length for r in self.running], device=device))
+        counts = torch.tensor([1] * B + lengths, device=device)
+        segments = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         for row in rows:  # their prompts are known: so is where their additions land
             row.plan = RowPlan(
                 [
@@ -440,30 +440,41 @@ class Scheduler:
                 row.request.span,
                 prompt_len=len(row.request.ids),
             )
-        plans = [r.plan for r in [*self.running, *rows]]
+        plans = [r.plan for r in [*self.running[:B], *rows]]
         steering = Steering.for_plans(self.lm, plans, dims=self.dims)  # type: ignore[arg-type]
-        step = MixedStep(self._cache, mask, lengths)
+        step = MixedStep(self._cache if B else None, mask, lengths, device=device)
+        W = 0 if mask is None else mask.shape[1] - 1
         try:
             with _hooks(self.lm, steering):
-                logits = mixed_forward(self.lm, step, tokens, positions, segments, self._cache_kw)
+                logits = mixed_forward(
+                    self.lm,
+                    step,
+                    torch.cat(prompts),
+                    torch.cat(positions),
+                    segments,
+                    self._cache_kw,
+                )
         except Exception:
             # the running cache may hold this step's token in some layers: take it back, and
             # let the rows be prefilled alone (a failing one then fails by itself)
-            for layer in _layers(self._cache):
-                layer.keys, layer.values = layer.keys[..., :W, :], layer.values[..., :W, :]
+            if B:
+                for layer in _layers(self._cache):
+                    layer.keys, layer.values = layer.keys[..., :W, :], layer.values[..., :W, :]
             raise
-        self.stats["steps"] += 1
         self.stats["prefills"] += 1
-        self.stats["mixed"] += 1
-        self.stats["max_rows"] = max(self.stats["max_rows"], B + len(rows))
-        # the running rows, as after a decoding step
-        self._mask = mask
-        self._ids = torch.cat([self._ids, self._last[:, None]], 1)
-        for r in self.running:
-            r.length += 1
-        tokens_run = self._sample(self.running, self._ids, self._mask, logits[:B])
-        self._last = tokens_run
-        self._emit(self.running, tokens_run)
+        if B:
+            assert mask is not None and self._ids is not None and self._last is not None
+            self.stats["steps"] += 1
+            self.stats["mixed"] += 1
+            self.stats["max_rows"] = max(self.stats["max_rows"], B + len(rows))
+            # the running rows, as after a decoding step
+            self._mask = mask
+            self._ids = torch.cat([self._ids, self._last[:, None]], 1)
+            for r in self.running:
+                r.length += 1
+            tokens_run = self._sample(self.running, self._ids, self._mask, logits[:B])
+            self._last = tokens_run
+            self._emit(self.running, tokens_run)
         # the new rows, as after a prefill
         ids, new_mask = self.lm.pad([r.request.ids for r in rows])
         for row in rows:

@@ -54,19 +54,28 @@ class MixedStep:
 
     Args:
         running: the running rows' cache (a left-padded ``DynamicCache``, ``[B, H, W, hd]``
-            per layer); each layer's ``update`` appends the decoding tokens to it.
+            per layer); each layer's ``update`` appends the decoding tokens to it. None: no
+            row decodes (a packed prefill).
         mask: ``[B, W + 1]`` the running rows' 2-D mask including this step's token.
         new_lengths: the new prompts' lengths, in packed order after the decoding tokens.
+        device: where the tensors live when no row decodes.
     """
 
-    def __init__(self, running: Any, mask: Tensor, new_lengths: Sequence[int]) -> None:
+    def __init__(
+        self,
+        running: Any,
+        mask: Tensor | None,
+        new_lengths: Sequence[int],
+        *,
+        device: torch.device | str = "cpu",
+    ) -> None:
         from transformers import DynamicCache
 
         self.running, self.mask = running, mask
-        self.B = int(mask.shape[0]) if running is not None else 0
+        self.B = 0 if running is None or mask is None else int(mask.shape[0])
         self.lengths = [int(n) for n in new_lengths]
         self.K, self.P = len(self.lengths), max(self.lengths, default=0)
-        device = mask.device
+        device = mask.device if mask is not None else torch.device(device)
         # new prompt token j -> its slot in the left-padded [K * P] grid
         self.slots = torch.cat(
             [
@@ -119,6 +128,7 @@ class MixedStep:
             return got
         dec = None
         if self.B:
+            assert self.mask is not None
             m = self.mask.bool()
             kpos = self.mask.long().cumsum(-1) - 1  # [B, W+1] logical position of each key
             dec = m
@@ -254,15 +264,15 @@ def packable(lm: LM, cache_keyword: str) -> bool:
         except Exception as e:  # an architecture the packed forward does not fit
             why = f"{type(e).__name__}: {e}"
     if not ok:
-        log.info("mixed steps off for %s (%s): prompts get a forward of their own", lm.name, why)
+        log.info("packed steps off for %s (%s): prompts get a left-padded prefill", lm.name, why)
     _PACKABLE[model] = ok
     return ok
 
 
 @torch.no_grad()
 def _probe(lm: LM, cache_keyword: str) -> tuple[bool, str]:
-    """Row A (4 tokens, cached) decodes its 5th while B (3 tokens) joins; both must match
-    A and B run alone."""
+    """Row A (4 tokens, cached) decodes its 5th while B (3 tokens) joins, and A and B are
+    read packed with no row decoding: each must match A and B run alone."""
     from transformers import DynamicCache
 
     vocab = int(lm.model.config.vocab_size)
@@ -274,11 +284,26 @@ def _probe(lm: LM, cache_keyword: str) -> tuple[bool, str]:
     cache = DynamicCache()
     lm.model(input_ids=a[None, :4], use_cache=True, **{cache_keyword: cache})
     step = MixedStep(cache, torch.ones(1, 5, dtype=torch.long, device=lm.device), [3])
+    # and the packed prefill: two prompts, no row decoding
+    both = MixedStep(None, None, [5, 3], device=lm.device)
+    got2 = mixed_forward(
+        lm,
+        both,
+        torch.cat([a, b]),
+        torch.tensor([0, 1, 2, 3, 4, 0, 1, 2], device=lm.device),
+        torch.tensor([0, 5, 8]),
+        cache_keyword,
+    )
     tokens = torch.cat([a[4:], b])
     positions = torch.tensor([4, 0, 1, 2], device=lm.device)
     got = mixed_forward(lm, step, tokens, positions, torch.tensor([0, 1, 4]), cache_keyword)
     tol = 1e-3 if got.dtype in (torch.float32, torch.float64) else 5e-2
-    for name, x, y in (("decoding row", got[0], want_a), ("new prompt", got[1], want_b)):
+    for name, x, y in (
+        ("decoding row", got[0], want_a),
+        ("new prompt", got[1], want_b),
+        ("packed prefill", got2[0], want_a),
+        ("packed prefill", got2[1], want_b),
+    ):
         err = float((x.float() - y.float()).abs().max())
         scale = float(y.float().abs().max()) or 1.0
         if err > tol * scale:
