@@ -37,7 +37,8 @@ test-fast: install
 # stays the local 2.13.0 build): the core steering tests that depend on how a release hands
 # positions, masks and caches to the model. `make test` runs the lock file's versions.
 CORE_TESTS := tests/test_positions.py tests/test_forward_inputs.py tests/test_steering.py \
-	tests/test_hooks.py tests/test_generation.py tests/test_real_model.py
+	tests/test_hooks.py tests/test_generation.py tests/test_real_model.py \
+	tests/test_packing.py tests/test_batching.py
 lowest = $(shell sed -n 's/^ *"$(1)>=\([0-9.]*\)".*/$(1)==\1/p' pyproject.toml)
 COMPAT_DEPS := pytest vadersentiment pandas numpy safetensors typer rich
 define compat_venv
