@@ -10,7 +10,7 @@ import os
 import string
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -250,3 +250,52 @@ def live_server(app: Any) -> Iterator[tuple[str, Any]]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def check_packed_equals_alone(lm: actadd.LM) -> None:
+    """A real model takes mixed steps, and they match each request alone: logits within
+    float32 rounding (``probe_error``, printed), and 6 greedy completions (Love − Hate and
+    unsteered), each joining while the ones before it decode, the same as with no packed
+    forward at all."""
+    from actadd.batching import Request, Scheduler, _cache_keyword
+    from actadd.packing import packable, probe_error
+
+    err = probe_error(lm, _cache_keyword(lm.model))
+    print(f"{lm.name}: packed vs alone, max |Δ logit| = {err:.2e} of the largest logit")
+    assert err < 1e-4 and packable(lm, _cache_keyword(lm.model))
+    love = tuple(actadd.get_x_vector("Love", "Hate", 5, 6))
+    prompts = [
+        "I hate you because",
+        "The weather today is",
+        "Once upon a time, in a small village,",
+        "My favourite food is",
+        "Science is",
+        "He walked into the room",
+    ]
+    reqs = [
+        Request.from_prompt(lm, p, additions=love if i % 2 else (), max_tokens=10 + i)
+        for i, p in enumerate(prompts)
+    ]
+
+    def run(sched: Scheduler, order: Sequence[int]) -> list[str]:
+        texts = ["" for _ in reqs]
+        for i in order:
+
+            def on(kind: str, args: tuple, i: int = i) -> None:
+                if kind == "delta":
+                    texts[i] += args[0]
+
+            sched.submit(reqs[i], on)
+            sched.step()  # each joins while the ones before it decode
+        while sched.busy:
+            sched.step()
+        return texts
+
+    batched = Scheduler(lm, max_rows=8, mix_min_rows=1)
+    texts = run(batched, range(len(reqs)))
+    plain = Scheduler(lm, max_rows=1, mixed_steps=False)  # no packed forward at all
+    alone = [run(plain, [i])[i] for i in range(len(reqs))]
+    differ = [i for i, (x, y) in enumerate(zip(texts, alone, strict=True)) if x != y]
+    print(f"{lm.name}: {len(differ)} of {len(reqs)} greedy completions differ from alone")
+    assert batched.stats["mixed"] >= len(reqs) - 1
+    assert not differ, [(texts[i], alone[i]) for i in differ]

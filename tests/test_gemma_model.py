@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 import actadd
-from conftest import check_batch_solo_cache
+from conftest import check_batch_solo_cache, check_packed_equals_alone
 
 pytestmark = pytest.mark.slow
 
@@ -40,3 +40,8 @@ def test_gemma_steering_batch_solo_cache(gemma):
     assert batch.completions[0] != plain.completions[0]  # steering acts
     check_batch_solo_cache(gemma, adds, prompts, tokens=10)
     check_batch_solo_cache(gemma, adds, prompts, tokens=8, location="all")
+
+
+def test_gemma_mixed_steps_match_each_request_alone(gemma):
+    """Sliding-window and full layers, <bos>: packed forwards equal each request alone."""
+    check_packed_equals_alone(gemma)

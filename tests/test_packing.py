@@ -57,3 +57,36 @@ def test_a_packed_prefill_has_no_decoding_rows():
     dec, new = s.masks(None)
     assert dec is None and new.shape == (2, 1, 3, 3)
     assert new[1, 0].int().tolist() == [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # 2 pads, 1 token
+
+
+def test_steer_shares_front_additions_over_a_packed_forward_and_refuses_per_row_ones(llama):
+    """A packed forward's requests are steered by their own logical positions; additions given
+    per row cannot be matched to segments nobody planned, so they raise instead of guessing."""
+    import pytest
+
+    import actadd
+    from actadd.batching import _cache_keyword
+    from actadd.errors import ActAddError
+    from actadd.packing import mixed_forward
+
+    kw = _cache_keyword(llama.model)
+    a, b = (torch.tensor(llama.token_ids(p)) for p in ("abcdefg", "xyz w"))
+    adds = [actadd.ActivationAddition(3.0, 1, prompt="ab")]
+    with torch.no_grad(), actadd.steer(llama, adds):
+        want = [llama.model(input_ids=t[None]).logits[0, -1] for t in (a, b)]
+        step = MixedStep(None, None, [len(a), len(b)])
+        positions = torch.cat([torch.arange(len(a)), torch.arange(len(b))])
+        segments = torch.tensor([0, len(a), len(a) + len(b)])
+        got = mixed_forward(llama, step, torch.cat([a, b]), positions, segments, kw)
+    with torch.no_grad():
+        plain = llama.model(input_ids=a[None]).logits[0, -1]
+    assert not torch.allclose(want[0], plain)  # the addition acts
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    step = MixedStep(None, None, [len(a), len(b)])
+    with (
+        torch.no_grad(),
+        actadd.steer(llama, [adds, []]),
+        pytest.raises(ActAddError, match="generate_many"),
+    ):
+        mixed_forward(llama, step, torch.cat([a, b]), positions, segments, kw)

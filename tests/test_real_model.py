@@ -7,7 +7,7 @@ from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
 import actadd
 from actadd.diagnostics import OutlierWarning
-from conftest import check_batch_solo_cache
+from conftest import check_batch_solo_cache, check_packed_equals_alone
 
 pytestmark = pytest.mark.slow
 
@@ -81,46 +81,7 @@ def test_sink_and_pad_outliers_are_reported(real_lm):
 
 
 def test_mixed_steps_on_the_real_model_match_each_request_alone(real_lm):
-    """float32, the embedded model: prompts (steered and not) join rows that are decoding,
-    read inside their decoding step, against each request alone. Prints the size of the
-    difference: logits within float32 rounding, and every greedy completion the same."""
-    from actadd.batching import Request, Scheduler, _cache_keyword
-    from actadd.packing import probe_error
-
-    err = probe_error(real_lm, _cache_keyword(real_lm.model))
-    print(f"packed vs alone: max |Δ logit| = {err:.2e} of the largest logit")
-    assert err < 1e-4
-    love = tuple(actadd.get_x_vector("Love", "Hate", 5, 6))
-    prompts = [
-        "I hate you because",
-        "The weather today is",
-        "Once upon a time, in a small village,",
-        "My favourite food is",
-        "Science is",
-        "He walked into the room",
-    ]
-    reqs = [
-        Request.from_prompt(real_lm, p, additions=love if i % 2 else (), max_tokens=10 + i)
-        for i, p in enumerate(prompts)
-    ]
-
-    def run(sched, order):
-        texts = ["" for _ in reqs]
-        for i in order:
-            sched.submit(
-                reqs[i],
-                lambda k, a, i=i: texts.__setitem__(i, texts[i] + a[0]) if k == "delta" else None,
-            )
-            sched.step()  # each joins while the ones before it decode
-        while sched.busy:
-            sched.step()
-        return texts
-
-    batched = Scheduler(real_lm, max_rows=8, mix_min_rows=1)
-    texts = run(batched, range(len(reqs)))
-    plain = Scheduler(real_lm, max_rows=1, mixed_steps=False)  # no packed forward at all
-    alone = [run(plain, [i])[i] for i in range(len(reqs))]
-    differ = [i for i, (x, y) in enumerate(zip(texts, alone, strict=True)) if x != y]
-    print(f"{len(differ)} of {len(reqs)} greedy completions differ from alone: {differ}")
-    assert batched.stats["mixed"] >= len(reqs) - 1
-    assert not differ, [(texts[i], alone[i]) for i in differ]
+    """float32, the embedded model: prompts (steered and not) read inside the decoding step
+    of the rows before them, against each request alone (the size of any difference is
+    printed)."""
+    check_packed_equals_alone(real_lm)

@@ -14,6 +14,12 @@ The flow, for one ``steer(lm, additions)`` block:
    gather from; each site hook then adds one gathered tensor: no Python loop over rows or
    tokens.
 
+A *packed* forward (several requests end to end in one row, ``cu_seq_lens_q`` saying where
+each starts and ``position_ids`` each token's logical position, as the continuous-batching
+scheduler's mixed steps send it: ``actadd.packing``) is steered per token by its request's
+plan; additions given per row are refused there unless the scheduler planned the segments
+(``Steering.for_plans``).
+
 ``front``/``mid``/``back`` are defined on the prompt, fixed when the prompt is first seen, so
 ``generate`` with or without the KV cache, and with left padding, puts additions on the same
 prompt tokens; ``all`` also steers every generated token.
@@ -544,10 +550,13 @@ class Steering:
         """A packed forward: each token's row from the segments, its logical position from
         its position id. Prompts must have been read before (``for_plans``), since a packed
         forward gives no row of its own to read a prompt from."""
-        if self.tracks_prompt and not self.decoding:
+        if (self.tracks_prompt or self.per_row) and not self.decoding:
+            # which request sits in which segment is known only to whoever packed the forward
+            # (actadd's scheduler plans it: for_plans); anything else could steer the wrong rows
             raise ActAddError(
-                "a packed forward (cu_seq_lens_q) needs steering whose rows' prompts are known: "
-                "build it with Steering.for_plans (each plan's prompt_len set)"
+                "a packed forward (cu_seq_lens_q) can only be steered by additions shared by "
+                "every request at front or all, or by Steering.for_plans with one plan per "
+                "request in packed order; for per-request steering use actadd.generate_many"
             )
         assert f.position_ids is not None and f.segments is not None  # ForwardReader checks
         rows = packed_rows(f.segments.to(f.device), f.tokens)
