@@ -177,10 +177,12 @@ def test_metrics_in_prometheus_format(llama: actadd.LM) -> None:
     app = create_app(llama, api_key="k")
     auth = {"Authorization": "Bearer k"}
     with live_server(app) as (url, _), httpx.Client(base_url=url, headers=auth) as http:
-        made = []
+        made, eos = [], 0
         for i in range(3):
             r = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 5 + i})
             made.append(r.json()["usage"]["completion_tokens"])
+            # a row that ended at end-of-sequence sampled that token too (not in usage)
+            eos += r.json()["choices"][0]["finish_reason"] == "stop"
         assert http.post("/v1/completions", json={"prompt": ""}).status_code == 400
         assert httpx.get(f"{url}/metrics").status_code == 401
         text = http.get("/metrics").text
@@ -204,11 +206,12 @@ def test_metrics_in_prometheus_format(llama: actadd.LM) -> None:
             if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
         )
 
-    assert value("actadd_generated_tokens", "actadd_generated_tokens_total") == sum(made)
+    generated = sum(made) + eos
+    assert value("actadd_generated_tokens", "actadd_generated_tokens_total") == generated
     ttft = "actadd_time_to_first_token_seconds"
     assert value(ttft, f"{ttft}_count") == 3
     tpot = "actadd_time_per_output_token_seconds"
-    assert value(tpot, f"{tpot}_count") == sum(made) - 3
+    assert value(tpot, f"{tpot}_count") == generated - 3
     ok = {"route": "/v1/completions", "status": "200"}
     assert value("actadd_requests", "actadd_requests_total", **ok) == 3
     assert (

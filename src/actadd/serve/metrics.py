@@ -6,7 +6,9 @@ One registry per app (several apps in one process, as in tests, do not mix their
 ``actadd_queue_rows``                      rows waiting to run
 ``actadd_running_rows``                    rows in the running batch
 ``actadd_kv_cache_tokens``                 KV-cache tokens the running rows may grow to
-``actadd_generated_tokens_total``          tokens generated (``rate()`` of it is tokens/s)
+``actadd_generated_tokens_total``          tokens generated (``rate()`` of it is tokens/s); a
+                                           row's end-of-sequence token counts here, not in
+                                           a response's ``usage``
 ``actadd_tokens_per_second``               tokens/s over the last 10 s
 ``actadd_time_to_first_token_seconds``     histogram: request received → its first token
 ``actadd_time_per_output_token_seconds``   histogram: between a row's tokens
@@ -44,7 +46,9 @@ class ServerMetrics:
             "actadd_kv_cache_tokens", "KV-cache tokens the running rows may grow to", registry=r
         )
         self.tokens = prom.Counter(
-            "actadd_generated_tokens", "tokens generated", registry=r
+            "actadd_generated_tokens",
+            "tokens generated (end-of-sequence tokens included; usage leaves them out)",
+            registry=r,
         )  # exported as actadd_generated_tokens_total
         self.tokens_per_second = prom.Gauge(
             "actadd_tokens_per_second", "tokens per second over the last 10 s", registry=r
