@@ -51,11 +51,10 @@ from actadd.errors import ActAddError
 from actadd.hooks import hooked
 from actadd.model import LM, as_lm
 from actadd.packing import MixedStep, mixed_forward, packable
-from actadd.positions import Span, check_location
+from actadd.positions import Span
 from actadd.sampling import GREEDY, FrequencyPenaltyLogitsProcessor, RowSeededSampler, Sampling
 from actadd.steering import (
     Injection,
-    Placed,
     RowPlan,
     Steering,
     injected,
@@ -432,14 +431,8 @@ class Scheduler:
         counts = torch.tensor([1] * B + lengths, device=device)
         segments = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         for row in rows:  # their prompts are known: so is where their additions land
-            row.plan = RowPlan(
-                [
-                    Placed(i, check_location(row.request.location or i.default_location))
-                    for i in row.injections
-                ],
-                row.request.span,
-                prompt_len=len(row.request.ids),
-            )
+            req = row.request
+            row.plan = RowPlan.of(row.injections, req.location, req.span, prompt_len=len(req.ids))
         plans = [r.plan for r in [*self.running[:B], *rows]]
         steering = Steering.for_plans(self.lm, plans, dims=self.dims)  # type: ignore[arg-type]
         step = MixedStep(self._cache if B else None, mask, lengths, device=device)

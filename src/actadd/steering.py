@@ -276,6 +276,19 @@ class RowPlan:
     prompt_len: int | None = None
     gates: dict[int, bool] = field(default_factory=dict)  # id(condition) -> holds
 
+    @classmethod
+    def of(
+        cls,
+        injections: Sequence[Injection],
+        location: str | None = None,
+        span: Span | None = None,
+        *,
+        prompt_len: int | None = None,
+    ) -> RowPlan:
+        """A row's plan: each injection at ``location``, else at its own default."""
+        placed = [Placed(i, check_location(location or i.default_location)) for i in injections]
+        return cls(placed, span, prompt_len=prompt_len)
+
     def needs_prompt(self) -> bool:
         """Whether where it lands depends on the prompt (its length or its hidden states)."""
         return self.span is not None or any(
@@ -351,10 +364,7 @@ class Steering:
                 raise ActAddError(f"{len(spans)} spans for {len(rows)} rows of additions")
             per_row = True
         plans = [
-            RowPlan(
-                [Placed(i, check_location(loc or i.default_location)) for i in row],
-                None if spans is None else spans[r],
-            )
+            RowPlan.of(row, loc, None if spans is None else spans[r])
             for r, (row, loc) in enumerate(zip(rows, locations, strict=True))
         ]
         self._setup(plans, per_row=per_row, decoding=False)
